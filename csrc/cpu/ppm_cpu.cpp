@@ -1,0 +1,409 @@
+// CPU kernels of the fused Pyramid Pooling Module: at::parallel_for over independent output blocks, inner loops
+// over contiguous memory that the compiler vectorizes. Contiguous (NCHW) and channels_last (NHWC) inputs are read in
+// place; other strides are made contiguous first.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "ppm_math.h"
+
+namespace pspnet_fast {
+namespace {
+
+using at::Tensor;
+
+// The column (or row) segments cut by every level's bin boundaries along one extent n: each input index belongs to
+// exactly one segment, so one pass adds every element once, and each bin (possibly overlapping its neighbours) is a
+// contiguous run of segments.
+struct Segments {
+  std::vector<int64_t> bounds;    // segment k covers [bounds[k], bounds[k + 1])
+  std::vector<int64_t> of_index;  // n entries: the segment of each input index
+  std::vector<int64_t> bin_first, bin_last;  // per (level, bin): the segments [first, last) the bin covers
+  std::vector<int64_t> bin_count;            // per (level, bin): end - start, the number of input indices
+
+  int64_t size() const { return static_cast<int64_t>(bounds.size()) - 1; }
+};
+
+Segments make_segments(at::IntArrayRef bins, int64_t n) {
+  Segments s;
+  for (int64_t b : bins) {
+    for (int64_t i = 0; i < b; ++i) {
+      s.bounds.push_back(pool_start(i, b, n));
+      s.bounds.push_back(pool_end(i, b, n));
+    }
+  }
+  std::sort(s.bounds.begin(), s.bounds.end());
+  s.bounds.erase(std::unique(s.bounds.begin(), s.bounds.end()), s.bounds.end());
+  s.of_index.resize(n);
+  for (int64_t k = 0; k + 1 < static_cast<int64_t>(s.bounds.size()); ++k) {
+    for (int64_t i = s.bounds[k]; i < s.bounds[k + 1]; ++i) s.of_index[i] = k;
+  }
+  auto seg_at = [&](int64_t bound) {
+    return static_cast<int64_t>(std::lower_bound(s.bounds.begin(), s.bounds.end(), bound) - s.bounds.begin());
+  };
+  for (int64_t b : bins) {
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t start = pool_start(i, b, n), end = pool_end(i, b, n);
+      s.bin_first.push_back(seg_at(start));
+      s.bin_last.push_back(seg_at(end));
+      s.bin_count.push_back(end - start);
+    }
+  }
+  return s;
+}
+
+int64_t total_bins(at::IntArrayRef bins) {
+  int64_t s = 0;
+  for (int64_t b : bins) s += b * b;
+  return s;
+}
+
+void check_bins(at::IntArrayRef bins) {
+  TORCH_CHECK(!bins.empty(), "pspnet_fast: bins must hold at least one level, got an empty list");
+  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, "pspnet_fast: at most ", kMaxLevels,
+              " pyramid levels are supported, got ", bins.size());
+  for (int64_t b : bins) TORCH_CHECK(b > 0, "pspnet_fast: every bin count must be positive, got ", bins);
+}
+
+void check_x(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "pspnet_fast: expected x of shape (N, C, H, W), got ", x.dim(), " dims ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pspnet_fast: expected a floating-point x, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
+              "pspnet_fast: expected x with C, H, W >= 1, got ", x.sizes());
+}
+
+bool is_channels_last(const Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// Combine the (segment row, segment col) sums of one (n, c) into every level's bin means.
+// seg: nsh x nsw sums, row-major; out: S means at stride out_stride.
+template <typename acc_t>
+void finish_bins(const acc_t* seg, int64_t nsw, const Segments& sh, const Segments& sw, at::IntArrayRef bins,
+                 acc_t* out, int64_t out_stride) {
+  int64_t p = 0, base = 0;
+  for (int64_t b : bins) {
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < b; ++j, ++p) {
+        acc_t sum = 0;
+        for (int64_t u = sh.bin_first[base + i]; u < sh.bin_last[base + i]; ++u) {
+          for (int64_t v = sw.bin_first[base + j]; v < sw.bin_last[base + j]; ++v) sum += seg[u * nsw + v];
+        }
+        // ATen divides the bin sum by its height, then by its width.
+        out[p * out_stride] = sum / static_cast<acc_t>(sh.bin_count[base + i]) / static_cast<acc_t>(sw.bin_count[base + j]);
+      }
+    }
+    base += b;
+  }
+}
+
+template <typename scalar_t>
+void pyramid_pool_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
+  const int64_t nsh = sh.size(), nsw = sw.size();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* op = out.mutable_data_ptr<acc_t>();
+  // One task per (n, c) plane: the plane (H x W) is read once, row by row; each row is cut into its column
+  // segments, whose sums land in the row's segment row.
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> seg(nsh * nsw);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      std::fill(seg.begin(), seg.end(), acc_t(0));
+      const scalar_t* px = xp + plane * H * W;
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* srow = seg.data() + sh.of_index[h] * nsw;
+        const scalar_t* row = px + h * W;
+        for (int64_t v = 0; v < nsw; ++v) {
+          acc_t s = 0;
+          const int64_t w0 = sw.bounds[v], w1 = sw.bounds[v + 1];
+#pragma omp simd reduction(+ : s)
+          for (int64_t w = w0; w < w1; ++w) s += static_cast<acc_t>(row[w]);
+          srow[v] += s;
+        }
+      }
+      finish_bins<acc_t>(seg.data(), nsw, sh, sw, bins, op + plane * S, 1);
+    }
+  });
+}
+
+template <typename scalar_t>
+void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
+  const int64_t nsh = sh.size(), nsw = sw.size();
+  // Channel blocks small enough that the (nsh * nsw * CB) accumulators stay in L2, long enough to vectorize.
+  const int64_t CB = std::min<int64_t>(C, 64);
+  const int64_t nblocks = (C + CB - 1) / CB;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* op = out.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, N * nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> seg(nsh * nsw * CB);
+    std::vector<acc_t> one(nsh * nsw);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nblocks, c0 = (task % nblocks) * CB, cb = std::min(CB, C - c0);
+      std::fill(seg.begin(), seg.end(), acc_t(0));
+      // x[n, h, w, c0:c0+cb] is contiguous: add it into its (row segment, column segment) accumulator.
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* row = xp + ((n * H + h) * W) * C + c0;
+        acc_t* srow = seg.data() + sh.of_index[h] * nsw * CB;
+        for (int64_t w = 0; w < W; ++w) {
+          acc_t* acc = srow + sw.of_index[w] * CB;
+          const scalar_t* px = row + w * C;
+#pragma omp simd
+          for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<acc_t>(px[c]);
+        }
+      }
+      for (int64_t c = 0; c < cb; ++c) {
+        for (int64_t k = 0; k < nsh * nsw; ++k) one[k] = seg[k * CB + c];
+        finish_bins<acc_t>(one.data(), nsw, sh, sw, bins, op + (n * C + c0 + c) * S, 1);
+      }
+    }
+  });
+}
+
+Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
+  check_x(x_in);
+  check_bins(bins);
+  TORCH_CHECK(x_in.device().is_cpu(), "pspnet_fast: pyramid_pool_cpu expects a CPU tensor, got ", x_in.device());
+  const bool cl = is_channels_last(x_in);
+  const Tensor x = cl ? x_in : x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({N, C, total_bins(bins)}, x.options().dtype(acc_type));
+  if (N == 0) return out;
+  const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_cpu", [&] {
+    if (cl) {
+      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, out);
+    } else {
+      pyramid_pool_nchw<scalar_t>(x, bins, sh, sw, out);
+    }
+  });
+  return out;
+}
+
+// All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
+// platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
+Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
+                      const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
+  check_bins(bins);
+  TORCH_CHECK(pooled.dim() == 3, "pspnet_fast: expected pooled of shape (N, C, S), got ", pooled.sizes());
+  TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
+  const int64_t N = pooled.size(0), C = pooled.size(1), S = pooled.size(2);
+  const int64_t L = weight.size(0), R = weight.size(1);
+  TORCH_CHECK(L == static_cast<int64_t>(bins.size()) && weight.size(2) == C,
+              "pspnet_fast: expected weight of shape (", bins.size(), ", R, ", C, "), got ", weight.sizes());
+  TORCH_CHECK(S == total_bins(bins), "pspnet_fast: expected pooled with ", total_bins(bins), " bins, got ", S);
+  TORCH_CHECK(pooled.scalar_type() == weight.scalar_type() &&
+                  (pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble),
+              "pspnet_fast: expected float32 or float64 pooled and weight of one dtype, got ", pooled.scalar_type(),
+              " and ", weight.scalar_type());
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "pspnet_fast: scale and shift come together");
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
+                    scale->scalar_type() == pooled.scalar_type() && shift->scalar_type() == pooled.scalar_type(),
+                "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled.scalar_type(),
+                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ", shift->scalar_type());
+  }
+  Tensor out = at::empty({N, R, S}, pooled.options());
+  if (N == 0) return out;
+  const Tensor p = pooled.contiguous();
+  const Tensor wt = weight.contiguous();
+  const Tensor scale_c = scale.has_value() ? scale->contiguous() : Tensor();
+  const Tensor shift_c = scale.has_value() ? shift->contiguous() : Tensor();
+  int64_t off = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t s = bins[l] * bins[l];
+    // (N, C, s) -> (C, N * s): one GEMM for all images of this level.
+    const Tensor pl = p.narrow(2, off, s).permute({1, 0, 2}).reshape({C, N * s});
+    const Tensor yl = at::mm(wt.select(0, l), pl);  // (R, N * s)
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
+      const scalar_t* y = yl.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      const scalar_t* sc = scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() + l * R : nullptr;
+      const scalar_t* sf = shift_c.defined() ? shift_c.const_data_ptr<scalar_t>() + l * R : nullptr;
+      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t k = 0; k < s; ++k) {
+              scalar_t v = y[r * N * s + n * s + k];
+              if (sc) v = v * sc[r] + sf[r];
+              if (relu) v = relu_nan(v);
+              o[(n * R + r) * S + off + k] = v;
+            }
+          }
+        }
+      });
+    });
+    off += s;
+  }
+  return out;
+}
+
+// Per-level bilinear taps of one output extent: index and weight tables, computed once per call.
+template <typename acc_t>
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> l0, l1;
+};
+
+template <typename acc_t>
+Taps<acc_t> make_taps(int64_t in, int64_t out, bool align_corners) {
+  Taps<acc_t> t;
+  const acc_t scale = linear_scale<acc_t>(in, out, align_corners);
+  for (int64_t d = 0; d < out; ++d) {
+    const LinearTap<acc_t> tap = linear_tap<acc_t>(scale, d, in, out, align_corners);
+    t.i0.push_back(tap.i0);
+    t.i1.push_back(tap.i1);
+    t.l0.push_back(tap.l0);
+    t.l1.push_back(tap.l1);
+  }
+  return t;
+}
+
+template <typename scalar_t, typename lvl_t>
+void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
+                          Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
+  std::vector<Taps<acc_t>> th, tw;
+  std::vector<int64_t> offs;
+  int64_t off = 0;
+  for (int64_t b : bins) {
+    th.push_back(make_taps<acc_t>(b, H, align_corners));
+    tw.push_back(make_taps<acc_t>(b, W, align_corners));
+    offs.push_back(off);
+    off += b * b;
+  }
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const lvl_t* yp = levels.const_data_ptr<lvl_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const int64_t HW = H * W;
+  // One task per output plane (n, c'): planes c' < C are copies of x, the others are interpolated from one level map.
+  at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / CO, c = plane % CO;
+      scalar_t* dst = op + plane * HW;
+      if (c < C) {
+        std::memcpy(dst, xp + (n * C + c) * HW, HW * sizeof(scalar_t));
+        continue;
+      }
+      const int64_t l = (c - C) / R, r = (c - C) % R, b = bins[l];
+      const lvl_t* map = yp + (n * R + r) * S + offs[l];
+      const Taps<acc_t>& hh = th[l];
+      const Taps<acc_t>& ww = tw[l];
+      rows.resize(b * W);
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t w = 0; w < W; ++w) {
+          rows[i * W + w] = ww.l0[w] * static_cast<acc_t>(map[i * b + ww.i0[w]]) +
+                            ww.l1[w] * static_cast<acc_t>(map[i * b + ww.i1[w]]);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t* r0 = rows.data() + hh.i0[h] * W;
+        const acc_t* r1 = rows.data() + hh.i1[h] * W;
+        const acc_t a = hh.l0[h], bb = hh.l1[h];
+        scalar_t* d = dst + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<scalar_t>(a * r0[w] + bb * r1[w]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename lvl_t>
+void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
+                          Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
+  std::vector<Taps<acc_t>> th, tw;
+  std::vector<int64_t> offs;
+  int64_t off = 0;
+  for (int64_t b : bins) {
+    th.push_back(make_taps<acc_t>(b, H, align_corners));
+    tw.push_back(make_taps<acc_t>(b, W, align_corners));
+    offs.push_back(off);
+    off += b * b;
+  }
+  // (N, R, S) -> (N, S, R) in the accumulation type so the R channels of one bin are contiguous, as the output's.
+  const Tensor yt = levels.to(c10::CppTypeToScalarType<acc_t>::value).transpose(1, 2).contiguous();
+  const acc_t* yp = yt.const_data_ptr<acc_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  // One task per output row (n, h): for each pixel, copy x's C channels, then interpolate every level's R channels.
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp0(R), tmp1(R);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / H, h = row % H;
+      for (int64_t w = 0; w < W; ++w) {
+        scalar_t* dst = op + ((n * H + h) * W + w) * CO;
+        std::memcpy(dst, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t b = bins[l];
+          const acc_t* base = yp + (n * S + offs[l]) * R;
+          const acc_t* v00 = base + (th[l].i0[h] * b + tw[l].i0[w]) * R;
+          const acc_t* v01 = base + (th[l].i0[h] * b + tw[l].i1[w]) * R;
+          const acc_t* v10 = base + (th[l].i1[h] * b + tw[l].i0[w]) * R;
+          const acc_t* v11 = base + (th[l].i1[h] * b + tw[l].i1[w]) * R;
+          const acc_t lh0 = th[l].l0[h], lh1 = th[l].l1[h], lw0 = tw[l].l0[w], lw1 = tw[l].l1[w];
+          scalar_t* d = dst + C + l * R;
+#pragma omp simd
+          for (int64_t r = 0; r < R; ++r) {
+            d[r] = static_cast<scalar_t>(lh0 * (lw0 * v00[r] + lw1 * v01[r]) + lh1 * (lw0 * v10[r] + lw1 * v11[r]));
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners) {
+  check_x(x_in);
+  check_bins(bins);
+  TORCH_CHECK(levels_in.dim() == 3 && levels_in.size(0) == x_in.size(0) && levels_in.size(2) == total_bins(bins),
+              "pspnet_fast: expected levels of shape (", x_in.size(0), ", R, ", total_bins(bins), "), got ",
+              levels_in.sizes());
+  TORCH_CHECK(levels_in.scalar_type() == at::kFloat || levels_in.scalar_type() == at::kDouble,
+              "pspnet_fast: expected float32 or float64 levels, got ", levels_in.scalar_type());
+  const bool cl = is_channels_last(x_in);
+  const Tensor x = cl ? x_in : x_in.contiguous();
+  const Tensor levels = levels_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t CO = C + static_cast<int64_t>(bins.size()) * levels.size(1);
+  Tensor out = at::empty({N, CO, H, W}, x.options(),
+                         cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_cpu", [&] {
+    using scalar_x = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(levels.scalar_type(), "upsample_concat_cpu_levels", [&] {
+      if (cl) {
+        upsample_concat_nhwc<scalar_x, scalar_t>(x, levels, bins, align_corners, out);
+      } else {
+        upsample_concat_nchw<scalar_x, scalar_t>(x, levels, bins, align_corners, out);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pspnet_fast, CPU, m) {
+  m.impl("pyramid_pool", &pyramid_pool_cpu);
+  m.impl("ppm_reduce", &ppm_reduce_cpu);
+  m.impl("upsample_concat", &upsample_concat_cpu);
+}
+
+}  // namespace pspnet_fast

@@ -1,0 +1,40 @@
+// Every op's schema, declared once. Backends implement them in cpu/*.cpp and cuda/*.cu; fake (meta) kernels and
+// autograd live in pspnet_fast/ops.py. The Triton backend registers its own ops (pspnet_fast::triton_*) from Python.
+//
+// Shapes (S = sum over levels of b_l^2; level l's bins sit at columns [off_l, off_l + b_l^2), row-major i * b_l + j):
+//   pyramid_pool(x (N, C, H, W), bins)                        -> pooled (N, C, S), float32 (float64 for float64 x)
+//   ppm_reduce(pooled (N, C, S), weight (L, R, C), scale (L, R)?, shift (L, R)?, bins, relu)
+//                                                             -> levels (N, R, S), pooled's dtype
+//   upsample_concat(x (N, C, H, W), levels (N, R, S), bins, align_corners)
+//                                                             -> out (N, C + L*R, H, W), x's dtype and memory format
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+std::vector<std::string> build_info() {
+  std::vector<std::string> parts{"cpu"};
+#ifdef PSPNET_FAST_WITH_CUDA
+  parts.push_back(std::string("cuda:") + PSPNET_FAST_CUDA_ARCHS);
+#endif
+  return parts;
+}
+}  // namespace
+
+// A Python module named _C, so that `import pspnet_fast._C` loads this library and runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pspnet_fast, m) {
+  m.def("pyramid_pool(Tensor x, int[] bins) -> Tensor");
+  m.def("ppm_reduce(Tensor pooled, Tensor weight, Tensor? scale, Tensor? shift, int[] bins, bool relu) -> Tensor");
+  m.def("upsample_concat(Tensor x, Tensor levels, int[] bins, bool align_corners) -> Tensor");
+  // Which backends this binary holds: "cpu" always, "cuda:<archs>" when the CUDA sources were compiled in.
+  m.def("build_info() -> str[]", &build_info);
+}

@@ -1,0 +1,99 @@
+"""Drop-in modules: the reference's constructor, submodules and state_dict keys, the fused kernels underneath."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+from ._checks import check_feature_map, check_same_device
+from .reference import PyramidPooling as _RefPyramidPooling
+
+__all__ = ["PyramidPooling"]
+
+
+def _folded_bn(bn: nn.Module, dtype: torch.dtype):
+    """(scale, shift) of an eval-mode BatchNorm with running statistics, as ATen's batch_norm computes them
+    (alpha = weight / sqrt(var + eps), beta = bias - mean * alpha); None when batch statistics are in use."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+        return None
+    var = bn.running_var.to(dtype)
+    scale = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
+class PyramidPooling(_RefPyramidPooling):
+    """Fused Pyramid Pooling Module, a drop-in for `pspnet_fast.reference.PyramidPooling`.
+
+    Same constructor, submodules (`features.{i}.{0,1,2,3}`) and state_dict keys, so state_dicts load both ways with
+    strict=True. Extra keyword `backend`: "auto" (default; the fastest backend that runs the input), "cpu", "cuda",
+    "triton" or "reference"; the environment variable PSPNET_FAST_BACKEND overrides it.
+
+    x: (N, in_channels, H, W), float32/float64/float16/bfloat16, contiguous, channels_last or any strided view, on the
+    weights' device. Returns (N, in_channels + len(bins) * reduction_channels, H, W) in x's dtype and memory format:
+    one pass over x pools every level, one product reduces every level (BatchNorm folded in eval, batch statistics in
+    training through the module's own BatchNorm), one pass writes x and every upsampled level.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        bins: Sequence[int] = (1, 2, 3, 6),
+        reduction_channels: int | None = None,
+        align_corners: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__(in_channels, bins, reduction_channels, align_corners)
+        self.backend = ops.check_backend_name(backend)
+
+    @classmethod
+    def from_reference(cls, module: _RefPyramidPooling, backend: str = "auto") -> "PyramidPooling":
+        """A fused module carrying `module`'s weights, buffers, device, dtype and train/eval mode."""
+        if not isinstance(module, _RefPyramidPooling):
+            raise TypeError(f"from_reference expects a pspnet_fast.reference.PyramidPooling, got {type(module).__name__}")
+        new = cls(module.in_channels, module.bins, module.reduction_channels, module.align_corners, backend=backend)
+        param = next(module.parameters())
+        new.to(device=param.device, dtype=param.dtype)
+        new.load_state_dict(module.state_dict(), strict=True)
+        new.train(module.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.in_channels)
+        weight0 = self.features[0][1].weight
+        check_same_device(x, weight0)
+        backend = ops.choose_backend(x, self.backend)
+        if backend == "reference":
+            return super().forward(x)
+        ops.ensure_registered(backend)
+        kernels = ops.op_set(backend)
+
+        pooled = kernels.pyramid_pool(x, self.bins)  # (N, C, S), float32 (float64 for float64 x)
+        acc = pooled.dtype
+        C, R = self.in_channels, self.reduction_channels
+        weight = torch.stack([f[1].weight.reshape(R, C) for f in self.features]).to(acc)  # (L, R, C)
+        folded = [_folded_bn(f[2], acc) for f in self.features]
+        if all(fb is not None for fb in folded):
+            scale = torch.stack([fb[0] for fb in folded])  # (L, R)
+            shift = torch.stack([fb[1] for fb in folded])
+            levels = kernels.ppm_reduce(pooled, weight, scale, shift, self.bins, True)  # (N, R, S)
+        else:
+            # Training (or BatchNorm without running statistics): the module's own BatchNorm and ReLU on the small
+            # (N, R, b, b) maps, so batch statistics and running-stat updates are exactly the reference's.
+            y = kernels.ppm_reduce(pooled, weight, None, None, self.bins, False)
+            parts, off = [], 0
+            for b, f in zip(self.bins, self.features):
+                yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b)
+                parts.append(f[3](f[2](yl)).flatten(2))
+                off += b * b
+            levels = torch.cat(parts, 2).to(acc)
+        return kernels.upsample_concat(x, levels, self.bins, self.align_corners)

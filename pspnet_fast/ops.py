@@ -1,0 +1,338 @@
+"""Functional API of the fused PPM: backend choice, fake kernels, autograd.
+
+The three ops (schemas in csrc/ops.cpp; S = sum of b*b over bins, level l at columns [off_l, off_l + b_l^2)):
+
+    pyramid_pool(x (N, C, H, W), bins)                              -> (N, C, S) float32 (float64 for float64 x)
+    ppm_reduce(pooled (N, C, S), weight (L, R, C), scale, shift, bins, relu) -> (N, R, S), pooled's dtype
+    upsample_concat(x, levels (N, R, S), bins, align_corners)       -> (N, C + L*R, H, W), x's dtype and layout
+
+Backends implement the same ops: "cpu" (C++, CPU tensors), "cuda" (CUDA C++, CUDA tensors), "triton" (Triton
+kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and "reference" (pure PyTorch). `choose_backend`
+picks one per input; the environment variable PSPNET_FAST_BACKEND overrides the caller's choice.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+_CHOICES = ("auto",) + BACKENDS
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend registry: each backend says why it cannot run an input.
+# ----------------------------------------------------------------------------------------------------------------
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """pspnet_fast.kernels.ppm_triton, or the reason it cannot be imported."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return None, f"triton is not importable ({type(e).__name__}: {e})"
+    try:
+        from .kernels import ppm_triton
+    except Exception as e:
+        return None, f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+    return ppm_triton, ""
+
+
+def _why_not_machine(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine at all (None: it can)."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return None if _ext.load() else f"the extension pspnet_fast._C is not loaded ({_ext.error()})"
+    if name == "cuda":
+        if not _ext.load():
+            return f"the extension pspnet_fast._C is not loaded ({_ext.error()})"
+        if _ext.cuda_archs() is None:
+            return "the extension was built without CUDA (CPU-only torch, no nvcc, or PSPNET_FAST_SKIP_CUDA=1)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if name == "triton":
+        mod, why = _triton_module()
+        if mod is None:
+            return why
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        return None
+    raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
+
+
+def why_not(name: str, x: torch.Tensor) -> str | None:
+    """Why backend `name` cannot run on input x (None: it can)."""
+    why = _why_not_machine(name)
+    if why is not None or name == "reference":
+        return why
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"dtype {x.dtype} is not one of float32, float64, float16, bfloat16"
+    if name == "cpu" and x.device.type != "cpu":
+        return f"input is on {x.device}, the cpu backend takes CPU tensors"
+    if name == "cuda" and x.device.type != "cuda":
+        return f"input is on {x.device}, the cuda backend takes CUDA tensors"
+    if name == "triton":
+        if x.device.type == "cpu" and not _triton_interpret():
+            return "input is on cpu; Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if x.device.type not in ("cpu", "cuda"):
+            return f"input is on {x.device}"
+    return None
+
+
+def available_backends() -> dict[str, dict]:
+    """Every backend with whether it runs on this machine and, if not, why: {name: {"available": bool, "reason": str}}."""
+    out = {}
+    for name in BACKENDS:
+        why = _why_not_machine(name)
+        out[name] = {"available": why is None, "reason": why or ""}
+    return out
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+    return backend
+
+
+def choose_backend(x: torch.Tensor, requested: str = "auto") -> str:
+    """The backend that runs x: PSPNET_FAST_BACKEND if set, else `requested`; "auto" takes the fastest that runs x
+    (cpu for CPU tensors; cuda, then triton, for CUDA tensors; else the reference). A named backend that cannot run
+    x raises ValueError with the reason."""
+    env = os.environ.get("PSPNET_FAST_BACKEND", "").strip()
+    if env:
+        if env not in _CHOICES:
+            raise ValueError(f"PSPNET_FAST_BACKEND must be one of {_CHOICES}, got {env!r}")
+        requested = env
+    check_backend_name(requested)
+    if requested != "auto":
+        why = why_not(requested, x)
+        if why is not None:
+            raise ValueError(f"pspnet_fast backend {requested!r} cannot run this input: {why}")
+        return requested
+    order = ("cpu", "reference") if x.device.type == "cpu" else ("cuda", "triton", "reference")
+    for name in order:
+        if why_not(name, x) is None:
+            return name
+    return "reference"
+
+
+@dataclass(frozen=True)
+class OpSet:
+    pyramid_pool: Callable
+    ppm_reduce: Callable
+    upsample_concat: Callable
+
+
+def op_set(backend: str) -> OpSet:
+    """The three ops of a compiled backend ("cpu" and "cuda" share the dispatcher ops; "triton" has its own)."""
+    if backend in ("cpu", "cuda"):
+        ns = torch.ops.pspnet_fast
+        return OpSet(ns.pyramid_pool, ns.ppm_reduce, ns.upsample_concat)
+    if backend == "triton":
+        mod, why = _triton_module()
+        if mod is None:
+            raise RuntimeError(why)
+        ns = torch.ops.pspnet_fast
+        return OpSet(ns.triton_pyramid_pool, ns.triton_ppm_reduce, ns.triton_upsample_concat)
+    raise ValueError(f"backend {backend!r} has no fused ops")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes and the linear maps behind pooling and upsampling (used by the fake kernels and the backward).
+# ----------------------------------------------------------------------------------------------------------------
+def _offsets(bins: Sequence[int]) -> list[int]:
+    offs, o = [], 0
+    for b in bins:
+        offs.append(o)
+        o += b * b
+    return offs
+
+
+def total_bins(bins: Sequence[int]) -> int:
+    return sum(b * b for b in bins)
+
+
+def pool_matrix(b: int, n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(b, n): row i averages input indices [floor(i*n/b), ceil((i+1)*n/b)), PEERS.md section 1.
+
+    Adaptive average pooling of a map is M_h @ X @ M_w^T; its adjoint spreads a bin's gradient over its window."""
+    m = torch.zeros(b, n, dtype=dtype, device=device)
+    for i in range(b):
+        s, e = (i * n) // b, ((i + 1) * n + b - 1) // b
+        m[i, s:e] = 1.0 / (e - s)
+    return m
+
+
+def interp_matrix(b: int, n: int, align_corners: bool, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(n, b): bilinear resampling of b samples to n samples along one dimension, ATen's index and weight rules.
+
+    Bilinear upsampling of a map is A_h @ P @ A_w^T; the adjoint is A_h^T @ G @ A_w."""
+    m = torch.zeros(n, b, dtype=dtype, device=device)
+    if b == n:
+        return torch.eye(n, dtype=dtype, device=device)
+    if align_corners:
+        scale = (b - 1) / (n - 1) if n > 1 else 0.0
+    else:
+        scale = b / n
+    # float32 scale and source index, as ATen computes them for float32 maps.
+    scale32 = torch.tensor(scale, dtype=torch.float32)
+    for d in range(n):
+        if align_corners:
+            src = float(scale32 * d)
+        else:
+            src = float(scale32 * (d + 0.5) - 0.5)
+            src = max(src, 0.0)
+        i0 = min(int(src // 1), b - 1)
+        l1 = min(max(src - i0, 0.0), 1.0)
+        i1 = i0 + (1 if i0 < b - 1 else 0)
+        m[d, i0] += 1.0 - l1
+        m[d, i1] += l1
+    return m
+
+
+def _pooled_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _out_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fake kernels and autograd, registered for the dispatcher ops and (when importable) the Triton ops.
+# ----------------------------------------------------------------------------------------------------------------
+def _fake_pyramid_pool(x, bins):
+    return x.new_empty((x.shape[0], x.shape[1], total_bins(bins)), dtype=_pooled_dtype(x.dtype))
+
+
+def _fake_ppm_reduce(pooled, weight, scale, shift, bins, relu):
+    return pooled.new_empty((pooled.shape[0], weight.shape[1], pooled.shape[2]))
+
+
+def _fake_upsample_concat(x, levels, bins, align_corners):
+    n, c, h, w = x.shape
+    return x.new_empty((n, c + len(bins) * levels.shape[1], h, w)).contiguous(memory_format=_out_memory_format(x))
+
+
+def _pool_backward(ctx, grad):
+    """grad (N, C, S) -> grad_x (N, C, H, W) = sum over levels of M_h^T G_l M_w (deterministic: dense products)."""
+    h, w = ctx.hw
+    gx = None
+    for b, off in zip(ctx.bins, _offsets(ctx.bins)):
+        g = grad[:, :, off:off + b * b].reshape(grad.shape[0], grad.shape[1], b, b)
+        mh = pool_matrix(b, h, grad.dtype, grad.device)
+        mw = pool_matrix(b, w, grad.dtype, grad.device)
+        t = torch.matmul(torch.matmul(mh.t(), g), mw)
+        gx = t if gx is None else gx + t
+    return gx.to(ctx.x_dtype).contiguous(memory_format=ctx.x_format), None
+
+
+def _pool_setup(ctx, inputs, output):
+    x, bins = inputs
+    ctx.bins = tuple(bins)
+    ctx.hw = (x.shape[2], x.shape[3])
+    ctx.x_dtype = x.dtype
+    ctx.x_format = _out_memory_format(x)
+
+
+def _reduce_setup(ctx, inputs, output):
+    pooled, weight, scale, shift, bins, relu = inputs
+    ctx.bins = tuple(bins)
+    ctx.relu = relu
+    ctx.has_scale = scale is not None
+    ctx.save_for_backward(pooled, weight, scale if scale is not None else pooled.new_empty(0),
+                          shift if shift is not None else pooled.new_empty(0), output)
+
+
+def _reduce_backward(ctx, grad):
+    pooled, weight, scale, shift, out = ctx.saved_tensors
+    n = pooled.shape[0]
+    g_pooled = torch.zeros_like(pooled)
+    g_weight = torch.zeros_like(weight)
+    g_scale = torch.zeros_like(scale) if ctx.has_scale else None
+    g_shift = torch.zeros_like(shift) if ctx.has_scale else None
+    grad = grad.to(pooled.dtype)
+    if ctx.relu:
+        # torch.relu's backward: gradient where the result is positive.
+        grad = grad * (out > 0).to(grad.dtype)
+    for l, (b, off) in enumerate(zip(ctx.bins, _offsets(ctx.bins))):
+        p = pooled[:, :, off:off + b * b]  # (N, C, s)
+        g = grad[:, :, off:off + b * b]  # (N, R, s)
+        if ctx.has_scale:
+            y = torch.matmul(weight[l], p)  # (N, R, s), before the affine epilogue
+            g_scale[l] = (g * y).sum(dim=(0, 2))
+            g_shift[l] = g.sum(dim=(0, 2))
+            g = g * scale[l].view(1, -1, 1)
+        g_weight[l] = torch.matmul(g, p.transpose(1, 2)).sum(0) if n > 0 else 0
+        g_pooled[:, :, off:off + b * b] = torch.matmul(weight[l].t(), g)
+    return g_pooled, g_weight, g_scale, g_shift, None, None
+
+
+def _upsample_setup(ctx, inputs, output):
+    x, levels, bins, align_corners = inputs
+    ctx.bins = tuple(bins)
+    ctx.align_corners = align_corners
+    ctx.c = x.shape[1]
+    ctx.x_dtype = x.dtype
+    ctx.x_format = _out_memory_format(x)
+    ctx.levels_dtype = levels.dtype
+    ctx.r = levels.shape[1]
+
+
+def _upsample_backward(ctx, grad):
+    """grad (N, C + L*R, H, W) -> grad_x = grad[:, :C]; grad_levels[l] = A_h^T G_l A_w (dense, deterministic)."""
+    c, r = ctx.c, ctx.r
+    h, w = grad.shape[2], grad.shape[3]
+    gx = grad[:, :c].to(ctx.x_dtype).contiguous(memory_format=ctx.x_format)
+    parts = []
+    for l, b in enumerate(ctx.bins):
+        g = grad[:, c + l * r:c + (l + 1) * r].to(ctx.levels_dtype)
+        ah = interp_matrix(b, h, ctx.align_corners, ctx.levels_dtype, grad.device)
+        aw = interp_matrix(b, w, ctx.align_corners, ctx.levels_dtype, grad.device)
+        parts.append(torch.matmul(torch.matmul(ah.t(), g), aw).flatten(2))
+    return gx, torch.cat(parts, 2), None, None
+
+
+def _register(prefix: str, with_fake: bool) -> None:
+    ns = "pspnet_fast::" + prefix
+    if with_fake:
+        torch.library.register_fake(ns + "pyramid_pool")(_fake_pyramid_pool)
+        torch.library.register_fake(ns + "ppm_reduce")(_fake_ppm_reduce)
+        torch.library.register_fake(ns + "upsample_concat")(_fake_upsample_concat)
+    torch.library.register_autograd(ns + "pyramid_pool", _pool_backward, setup_context=_pool_setup)
+    torch.library.register_autograd(ns + "ppm_reduce", _reduce_backward, setup_context=_reduce_setup)
+    torch.library.register_autograd(ns + "upsample_concat", _upsample_backward, setup_context=_upsample_setup)
+
+
+_registered: set[str] = set()
+
+
+def ensure_registered(backend: str) -> None:
+    """Registers fake kernels and autograd for a backend's ops, once (the Triton ops derive their fake kernels)."""
+    key = "triton" if backend == "triton" else "ext"
+    if key in _registered:
+        return
+    if key == "ext":
+        if _ext.load():
+            _register("", with_fake=True)
+    else:
+        op_set("triton")
+        _register("triton_", with_fake=False)
+    _registered.add(key)
+
+
+if _ext.load():
+    ensure_registered("cpu")
