@@ -56,6 +56,8 @@ def _extensions():
         with_cuda, why = False, "PSPNET_FAST_SKIP_CUDA=1"
     elif _flag("FORCE_CUDA"):
         with_cuda, why = True, "FORCE_CUDA=1"
+    elif not cuda_sources:
+        with_cuda, why = False, "no CUDA sources in csrc/cuda"
     elif torch.version.cuda is None:
         with_cuda, why = False, f"torch {torch.__version__} is a CPU-only build"
     elif cuda_home is None:

@@ -40,7 +40,10 @@ PSP_HD opmath_t linear_source(opmath_t scale, int64_t dst, bool align_corners) {
   if (align_corners) {
     return scale * static_cast<opmath_t>(dst);
   }
-  const opmath_t src = scale * (static_cast<opmath_t>(dst) + static_cast<opmath_t>(0.5)) - static_cast<opmath_t>(0.5);
+  // One fused multiply-add, as the compilers contract ATen's `scale * (dst + 0.5) - 0.5` in its AVX2 CPU kernels and
+  // under nvcc's default --fmad: the rounding decides whether a weight is exactly 0, and so whether an Inf in the
+  // level map becomes NaN (0 * Inf) at that output, as in PyTorch.
+  const opmath_t src = fma(scale, static_cast<opmath_t>(dst) + static_cast<opmath_t>(0.5), static_cast<opmath_t>(-0.5));
   return src < static_cast<opmath_t>(0) ? static_cast<opmath_t>(0) : src;
 }
 

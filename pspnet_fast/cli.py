@@ -1,0 +1,56 @@
+"""The `pspnet-fast` command: `info` (what was built and why not) and `bench` (the benchmark suite)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    import os
+
+    import torch
+
+    from . import _ext, ops
+
+    print(f"pspnet_fast {__import__('pspnet_fast').__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
+          f"devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
+                                                 else ""))
+    except Exception as e:
+        print(f"triton: not importable ({type(e).__name__}: {e})")
+    if _ext.load():
+        print("compiled: C++ CPU kernels: yes")
+        archs = _ext.cuda_archs()
+        print(f"compiled: CUDA kernels: " + (f"yes (architectures {archs})" if archs else
+                                              "no (built without CUDA: CPU-only torch, no nvcc, or "
+                                              "PSPNET_FAST_SKIP_CUDA=1)"))
+    else:
+        print(f"compiled: no extension ({_ext.error()})")
+    print("backends:")
+    for name, st in ops.available_backends().items():
+        print(f"  {name:<10} {'runs here' if st['available'] else 'unavailable: ' + st['reason']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, compiled backends and why any is missing")
+    from .benchmarks import bench_ppm
+
+    b = sub.add_parser("bench", help="benchmark the fused PPM against the reference and torch.compile")
+    bench_ppm.add_arguments(b)
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "info":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _info(args)
+    return bench_ppm.main(list(argv if argv is not None else sys.argv[1:])[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
