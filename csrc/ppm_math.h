@@ -34,6 +34,10 @@ PSP_HD opmath_t linear_scale(int64_t in, int64_t out, bool align_corners) {
   return static_cast<opmath_t>(in) / static_cast<opmath_t>(out);
 }
 
+// a * b + c rounded once, in the operands' own precision (fmaf for float: no detour through double).
+PSP_HD float fused_mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+PSP_HD double fused_mul_add(double a, double b, double c) { return fma(a, b, c); }
+
 // Source coordinate of destination index dst (ATen area_pixel_compute_source_index, linear mode).
 template <typename opmath_t>
 PSP_HD opmath_t linear_source(opmath_t scale, int64_t dst, bool align_corners) {
@@ -43,7 +47,8 @@ PSP_HD opmath_t linear_source(opmath_t scale, int64_t dst, bool align_corners) {
   // One fused multiply-add, as the compilers contract ATen's `scale * (dst + 0.5) - 0.5` in its AVX2 CPU kernels and
   // under nvcc's default --fmad: the rounding decides whether a weight is exactly 0, and so whether an Inf in the
   // level map becomes NaN (0 * Inf) at that output, as in PyTorch.
-  const opmath_t src = fma(scale, static_cast<opmath_t>(dst) + static_cast<opmath_t>(0.5), static_cast<opmath_t>(-0.5));
+  const opmath_t src = fused_mul_add(scale, static_cast<opmath_t>(dst) + static_cast<opmath_t>(0.5),
+                                     static_cast<opmath_t>(-0.5));
   return src < static_cast<opmath_t>(0) ? static_cast<opmath_t>(0) : src;
 }
 

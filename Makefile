@@ -1,0 +1,40 @@
+# Quick start on a fresh machine: `make bench` (set up, build, run the benchmark suite) and `make test`.
+# Set-up: a virtual environment in .venv with torch==2.14.1 (CUDA 13.0 build; runs on CPU too), then the extension
+# is built in place (C++ always; CUDA when torch has CUDA and nvcc is found; PSPNET_FAST_SKIP_CUDA=1 skips it).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export CUDA_HOME
+SHELL := /bin/bash
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
+
+.PHONY: setup build bench test info clean
+
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
+	touch $@
+
+build: $(VENV)/.build-done
+$(VENV)/.build-done: $(VENV)/.setup-done $(SOURCES)
+	set -o pipefail; $(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+	  | grep -E "\[pspnet_fast build\]|^ *\[[0-9]+/[0-9]+\]|-shared|error:|Successfully installed" | cut -c1-240
+	$(PY) -c "import pspnet_fast._C"
+	touch $@
+
+info: build
+	$(VENV)/bin/pspnet-fast info
+
+bench: build
+	$(VENV)/bin/pspnet-fast info
+	$(VENV)/bin/pspnet-fast bench $(BENCH_ARGS)
+
+test: build
+	$(VENV)/bin/pspnet-fast info
+	$(PY) -m pytest -q tests $(TEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info pspnet_fast/_C*.so $(VENV)/.build-done

@@ -1,0 +1,325 @@
+"""The Triton backend (kernels/ppm_triton.py) run in Triton's CPU interpreter, checked against plain PyTorch.
+
+TRITON_INTERPRET=1 must be set before triton is imported, and it stays in force for the whole process: Triton's own
+@triton.jit helpers are built at import time. Run this file in its own pytest process on a machine that also runs
+compiled Triton kernels; if triton was already imported in compiled mode, the module skips itself.
+"""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import pytest
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton already imported without TRITON_INTERPRET=1; run this file in its own pytest process",
+                allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _load_ppm_triton():
+    try:
+        from pspnet_fast.kernels import ppm_triton
+        return ppm_triton
+    except ImportError:
+        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "ppm_triton.py"
+        spec = importlib.util.spec_from_file_location("_pspnet_fast_kernels_ppm_triton", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+ppm = _load_ppm_triton()
+if type(ppm._pyramid_pool_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("ppm_triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _offsets(bins):
+    offs, o = [], 0
+    for b in bins:
+        offs.append(o)
+        o += b * b
+    return offs
+
+
+def ref_pool(x, bins, dtype):
+    """(N, C, S) by F.adaptive_avg_pool2d per level, computed in dtype."""
+    return torch.cat([F.adaptive_avg_pool2d(x.to(dtype), b).flatten(2) for b in bins], 2)
+
+
+def ref_reduce(pooled, weight, scale, shift, bins, relu):
+    outs = []
+    for l, (b, o) in enumerate(zip(bins, _offsets(bins))):
+        v = torch.einsum("rc,ncs->nrs", weight[l], pooled[:, :, o:o + b * b])
+        if scale is not None:
+            v = v * scale[l][None, :, None] + shift[l][None, :, None]
+        if relu:
+            v = torch.relu(v)
+        outs.append(v)
+    return torch.cat(outs, 2)
+
+
+def _maps(levels, bins):
+    N, R, _ = levels.shape
+    return [levels[:, :, o:o + b * b].reshape(N, R, b, b) for b, o in zip(bins, _offsets(bins))]
+
+
+def ref_upsample(x, levels, bins, align_corners):
+    H, W = x.shape[2:]
+    ups = [F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners).to(x.dtype)
+           for m in _maps(levels, bins)]
+    return torch.cat([x] + ups, 1)
+
+
+def _tap(out, inp, align_corners, dt):
+    # csrc/ppm_math.h linear_scale / linear_source / linear_tap, elementwise in dt.
+    d = torch.arange(out)
+    if align_corners:
+        scale = (torch.tensor(inp - 1, dtype=dt) / torch.tensor(out - 1, dtype=dt)) if out > 1 else torch.tensor(0, dtype=dt)
+        src = scale * d.to(dt)
+    else:
+        scale = torch.tensor(inp, dtype=dt) / torch.tensor(out, dtype=dt)
+        src = scale * (d.to(dt) + 0.5) - 0.5
+        src = torch.where(src < 0, torch.zeros_like(src), src)
+    if inp == out:
+        return d, d, torch.ones(out, dtype=dt), torch.zeros(out, dtype=dt)
+    i0 = torch.clamp(torch.floor(src).long(), max=inp - 1)
+    l1 = (src - i0.to(dt)).clamp(0, 1)
+    return i0, i0 + (i0 < inp - 1).long(), 1 - l1, l1
+
+
+def emulate_upsample(x, levels, bins, align_corners):
+    """ppm_math.h's bilinear in its exact order of operations: the kernel must match it bit for bit."""
+    H, W = x.shape[2:]
+    dt = levels.dtype
+    ups = []
+    for m in _maps(levels, bins):
+        b = m.shape[-1]
+        h0, h1, lh0, lh1 = _tap(H, b, align_corners, dt)
+        w0, w1, lw0, lw1 = _tap(W, b, align_corners, dt)
+        g = lambda hi, wi: m[:, :, hi][:, :, :, wi]  # noqa: E731
+        lh0, lh1 = lh0[:, None], lh1[:, None]
+        v = lh0 * (lw0 * g(h0, w0) + lw1 * g(h0, w1)) + lh1 * (lw0 * g(h1, w0) + lw1 * g(h1, w1))
+        ups.append(v.to(x.dtype))
+    return torch.cat([x] + ups, 1)
+
+
+# Tolerances travel with the dtype: max|d| <= rtol * max|ref| + atol.
+TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-300)}
+
+
+def assert_close(out, ref, tol_dtype):
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
+    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
+    assert torch.equal(nan_out, nan_ref), "NaN positions differ"
+    if out.numel() == 0 or bool(nan_ref.all()):
+        return
+    keep = ~nan_ref
+    o, r = out[keep].double(), ref[keep].double()
+    rtol, atol = TOL[tol_dtype]
+    err = (o - r).abs().max().item()
+    bound = rtol * r.abs().max().item() + atol
+    assert err <= bound, f"max |d| = {err:.3e} > {bound:.3e}"
+
+
+def _params(L, R, C, dtype, affine, gen):
+    weight = torch.randn(L, R, C, dtype=dtype, generator=gen) / C ** 0.5
+    if not affine:
+        return weight, None, None
+    return weight, torch.rand(L, R, dtype=dtype, generator=gen) + 0.5, torch.randn(L, R, dtype=dtype, generator=gen)
+
+
+def check_all_ops(x, bins, align_corners, R=3, relu=True, affine=True, seed=0):
+    """pyramid_pool, ppm_reduce and upsample_concat on x, each fed the reference output of the stage before."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N, C, H, W = x.shape
+
+    pooled = ppm.pyramid_pool(x, bins)
+    pooled_ref = ref_pool(x, bins, acc)
+    assert pooled.is_contiguous()
+    assert_close(pooled, pooled_ref, acc)
+
+    weight, scale, shift = _params(len(bins), R, C, acc, affine, gen)
+    levels = ppm.ppm_reduce(pooled_ref, weight, scale, shift, bins, relu)
+    levels_ref = ref_reduce(pooled_ref, weight, scale, shift, bins, relu)
+    assert_close(levels, levels_ref, acc)
+
+    out = ppm.upsample_concat(x, levels_ref, bins, align_corners)
+    assert_close(out, ref_upsample(x, levels_ref, bins, align_corners), acc)
+    assert torch.equal(out, emulate_upsample(x, levels_ref, bins, align_corners)) or torch.isnan(out).any()
+    return pooled, levels, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+# (N, C, H, W), bins, align_corners: sizes below / not divisible by the bin counts, 1x1 maps, non-square, batch 0.
+F32_CASES = [
+    ((2, 8, 5, 7), (1, 2, 3, 6), True),
+    ((1, 8, 1, 1), (1, 2, 3, 6), False),
+    ((1, 8, 2, 5), (1, 2, 3, 6), True),
+    ((1, 8, 6, 6), (1, 2, 3, 6), False),  # b == H == W: the identity tap
+    ((2, 8, 7, 7), (2,), False),
+    ((1, 8, 5, 2), (6,), True),
+    ((1, 8, 7, 5), (1, 3, 6, 8), False),
+    ((1, 5, 2, 1), (1, 3, 6, 8), True),
+    ((2, 8, 7, 7), (1, 2, 3, 6), True),
+    ((1, 4, 1, 7), (6,), False),
+    ((1, 4, 2, 37), (1, 2, 3, 6), True),  # W > BLOCK_W of the pooling, H*W > BLOCK_P of the concat
+    ((0, 8, 5, 5), (1, 2, 3, 6), True),
+]
+
+
+@pytest.mark.parametrize("shape,bins,align_corners", F32_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_float32(shape, bins, align_corners):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    check_all_ops(x, bins, align_corners)
+
+
+@pytest.mark.parametrize("shape,bins,align_corners", [
+    ((2, 8, 5, 7), (1, 2, 3, 6), True),
+    ((2, 8, 5, 7), (1, 2, 3, 6), False),
+    ((1, 8, 2, 5), (1, 3, 6, 8), False),
+    ((1, 4, 1, 1), (6,), True),
+], ids=lambda v: str(v).replace(" ", ""))
+def test_float64(shape, bins, align_corners):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_all_ops(x, bins, align_corners, affine=shape[0] != 1)
+
+
+def test_multiple_channel_and_row_blocks():
+    # C > BLOCK_C of the pooling (16) and BLOCK_CH of the concat (32), R > BLOCK_R (32), relu off, no affine.
+    x = torch.randn(2, 40, 2, 3, generator=torch.Generator().manual_seed(3))
+    check_all_ops(x, (1, 2), True, R=34, relu=False, affine=False)
+
+
+def test_eight_levels_pool():
+    bins = (1, 2, 3, 4, 5, 6, 7, 8)
+    x = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(4))
+    assert_close(ppm.pyramid_pool(x, bins), ref_pool(x, bins, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_pipeline_against_float64(dtype):
+    # Habit 7: the kernel's error against float64 at most ~2x PyTorch's own half-precision error, plus a small atol.
+    bins, ac = (1, 2, 3, 6), dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 5, 7, generator=gen).to(dtype)
+    w64, s64, b64 = _params(len(bins), 3, 8, torch.float64, True, gen)
+
+    out = ppm.upsample_concat(
+        x, ppm.ppm_reduce(ppm.pyramid_pool(x, bins), w64.float(), s64.float(), b64.float(), bins, True), bins, ac)
+    assert out.dtype == dtype
+
+    x64 = x.double()
+    ref64 = ref_upsample(x64, ref_reduce(ref_pool(x64, bins, torch.float64), w64, s64, b64, bins, True), bins, ac)
+    torch_half = ref_upsample(
+        x, ref_reduce(ref_pool(x, bins, dtype), w64.to(dtype), s64.to(dtype), b64.to(dtype), bins, True), bins, ac)
+
+    err = (out.double() - ref64).abs().max().item()
+    err_torch = (torch_half.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + 1e-3 * ref64.abs().max().item(), (err, err_torch)
+
+
+def test_channels_last():
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(6)).to(memory_format=torch.channels_last)
+    _, _, out = check_all_ops(x, (1, 2, 3, 6), False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+def test_non_contiguous_views():
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 7, 9, 16, generator=gen)
+    x = base.permute(0, 3, 1, 2)[:, ::2, 1:, ::2]  # (2, 8, 6, 5), neither contiguous nor channels_last
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    bins = (1, 2, 3)
+    pooled = ppm.pyramid_pool(x, bins)
+    pooled_ref = ref_pool(x, bins, torch.float32)
+    assert_close(pooled, pooled_ref, torch.float32)
+
+    weight = torch.randn(3, 8, 4, generator=gen).transpose(1, 2)  # (L, R=4, C=8) view
+    pooled_view = torch.randn(2, 14, 8, generator=gen).transpose(1, 2)  # (N, C, S) view
+    assert_close(ppm.ppm_reduce(pooled_view, weight, None, None, bins, False),
+                 ref_reduce(pooled_view, weight, None, None, bins, False), torch.float32)
+
+    levels = torch.randn(2, 14, 4, generator=gen).transpose(1, 2)  # (N, R, S) view
+    out = ppm.upsample_concat(x, levels, bins, True)
+    assert out.is_contiguous()
+    assert_close(out, ref_upsample(x, levels, bins, True), torch.float32)
+
+
+def test_nan_reaches_what_it_reaches_in_pytorch():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 4, 7, 5, generator=gen)
+    x[0, 1, 6, 4] = float("nan")  # one corner: reaches only some bins of each level
+    x[0, 2, 3, 0] = float("nan")
+    bins = (1, 2, 3, 6)
+    weight, scale, shift = _params(len(bins), 3, 4, torch.float32, True, gen)
+    weight[:, 1] = 0.0  # NaN * 0 is still NaN in the reduce
+
+    pooled = ppm.pyramid_pool(x, bins)
+    pooled_ref = ref_pool(x, bins, torch.float32)
+    assert_close(pooled, pooled_ref, torch.float32)
+    assert torch.isnan(pooled).any() and not torch.isnan(pooled).all()
+
+    levels = ppm.ppm_reduce(pooled, weight, scale, shift, bins, True)  # relu lets NaN through
+    levels_ref = ref_reduce(pooled_ref, weight, scale, shift, bins, True)
+    assert_close(levels, levels_ref, torch.float32)
+
+    for ac in (True, False):
+        out = ppm.upsample_concat(x, levels, bins, ac)
+        assert_close(out, ref_upsample(x, levels_ref, bins, ac), torch.float32)
+
+
+def test_nan_behind_zero_weight_tap():
+    # A NaN bin is read by its neighbours' taps even where their weight is 0 (PyTorch does the same).
+    levels = torch.zeros(1, 1, 4)
+    levels[0, 0, 3] = float("nan")  # bin (1, 1) of a 2x2 map
+    x = torch.zeros(1, 1, 3, 3)
+    for ac in (True, False):
+        out = ppm.upsample_concat(x, levels, (2,), ac)
+        assert_close(out, ref_upsample(x, levels, (2,), ac), torch.float32)
+
+
+@pytest.mark.parametrize("H,W", [(6, 6), (6, 4)])
+def test_nan_identity_tap(H, W):
+    # A dimension that keeps its size (b == H) is copied, without a neighbour tap: the NaN stays in its row.
+    levels = torch.randn(1, 2, 36, generator=torch.Generator().manual_seed(9))
+    levels[0, 1, 2 * 6 + 3] = float("nan")
+    x = torch.zeros(1, 1, H, W)
+    for ac in (True, False):
+        out = ppm.upsample_concat(x, levels, (6,), ac)
+        assert_close(out, ref_upsample(x, levels, (6,), ac), torch.float32)
+        assert_close(out, emulate_upsample(x, levels, (6,), ac), torch.float32)
+
+
+def test_no_levels():
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(10))
+    assert ppm.pyramid_pool(x, ()).shape == (2, 3, 0)
+    assert torch.equal(ppm.upsample_concat(x, torch.empty(2, 4, 0), (), True), x)
+
+
+def test_argument_checks():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="at most 8"):
+        ppm.pyramid_pool(x, tuple(range(1, 10)))
+    with pytest.raises(ValueError, match="positive"):
+        ppm.pyramid_pool(x, (0, 2))
+    pooled = torch.randn(1, 2, 5)
+    with pytest.raises(ValueError, match="together"):
+        ppm.ppm_reduce(pooled, torch.randn(2, 3, 2), torch.ones(2, 3), None, (1, 2), False)
+    with pytest.raises(ValueError, match="levels must be"):
+        ppm.upsample_concat(x, torch.randn(1, 3, 4), (1, 2), True)
