@@ -323,3 +323,36 @@ def test_argument_checks():
         ppm.ppm_reduce(pooled, torch.randn(2, 3, 2), torch.ones(2, 3), None, (1, 2), False)
     with pytest.raises(ValueError, match="levels must be"):
         ppm.upsample_concat(x, torch.randn(1, 3, 4), (1, 2), True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The drop-in module on the Triton backend (interpreter, CPU tensors): forward, training BatchNorm and gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_on_triton_backend(train, layout):
+    import pspnet_fast
+
+    from .utils import assert_close_to_ref, make_ref
+
+    ref = make_ref(8, (1, 2, 3, 6), align_corners=False).train(train)
+    fused = pspnet_fast.PyramidPooling.from_reference(ref, backend="triton")
+    x = torch.randn(2, 8, 5, 7)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    xr = x.detach().clone().requires_grad_()
+    xf = x.detach().clone().requires_grad_()
+    expect, got = ref(xr), fused(xf)
+    assert_close_to_ref(got, expect, torch.float32)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(expect)
+    (expect * g).sum().backward()
+    (got * g).sum().backward()
+    assert (xr.grad - xf.grad).abs().max().item() <= 1e-4 * xr.grad.abs().max().item()
+    for (k, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert (pr.grad - pf.grad).abs().max().item() <= 1e-4 * pr.grad.abs().max().item() + 1e-6, k
+    for (k, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

@@ -1,0 +1,632 @@
+"""Triton backend of the fused Pyramid Pooling Module.
+
+Three ops with exactly the semantics of the C++ ops of the same base name (csrc/ops.cpp), registered with
+``torch.library.triton_op`` so that torch.compile / Inductor see the kernels (``wrap_triton``):
+
+    pspnet_fast::triton_pyramid_pool(x (N, C, H, W), bins)                         -> pooled (N, C, S)
+    pspnet_fast::triton_ppm_reduce(pooled (N, C, S), weight (L, R, C), scale?, shift?, bins, relu)
+                                                                                   -> levels (N, R, S)
+    pspnet_fast::triton_upsample_concat(x (N, C, H, W), levels (N, R, S), bins, align_corners)
+                                                                                   -> out (N, C + L*R, H, W)
+
+S = sum_l b_l^2; level l's bin (i, j) sits at column off_l + i*b_l + j (off_l = sum_{k<l} b_k^2).
+
+Bins travel to the kernels as compile-time constants: NUM_LEVELS, B0..B7 (unused levels are 1) and the column
+offsets O1..O7 (O0 = 0). One compilation per distinct bins tuple; at most MAX_LEVELS = 8 levels.
+
+The index and weight arithmetic follows csrc/ppm_math.h (ATen AdaptivePooling.h / UpSample.h) in the same order of
+operations; float32 divisions use tl.math.div_rn (round to nearest, like the C++ '/'), because Triton's plain '/'
+on float32 lowers to an approximate division on NVIDIA GPUs.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+from torch.library import wrap_triton as _torch_wrap_triton
+from triton.runtime.jit import JITFunction
+
+__all__ = [
+    "MAX_LEVELS",
+    "pyramid_pool",
+    "ppm_reduce",
+    "upsample_concat",
+]
+
+MAX_LEVELS = 8
+
+_POOL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LEVEL_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _div(a, b, IS_F64: tl.constexpr):
+    # IEEE division in the op-math type: div_rn for float32 (plain '/' is div.full.f32 on NVIDIA), '/' for float64.
+    a, b = tl.broadcast(a, b)
+    if IS_F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _level_by_id(l, NUM_LEVELS: tl.constexpr,
+                 B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+                 B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+                 O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr, O4: tl.constexpr,
+                 O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr):
+    # (bin count, first column) of the runtime level index l (a scalar), selected from the constexpr tables.
+    off = l * 0
+    b = off + B0
+    if NUM_LEVELS > 1:
+        b = tl.where(l >= 1, B1, b)
+        off = tl.where(l >= 1, O1, off)
+    if NUM_LEVELS > 2:
+        b = tl.where(l >= 2, B2, b)
+        off = tl.where(l >= 2, O2, off)
+    if NUM_LEVELS > 3:
+        b = tl.where(l >= 3, B3, b)
+        off = tl.where(l >= 3, O3, off)
+    if NUM_LEVELS > 4:
+        b = tl.where(l >= 4, B4, b)
+        off = tl.where(l >= 4, O4, off)
+    if NUM_LEVELS > 5:
+        b = tl.where(l >= 5, B5, b)
+        off = tl.where(l >= 5, O5, off)
+    if NUM_LEVELS > 6:
+        b = tl.where(l >= 6, B6, b)
+        off = tl.where(l >= 6, O6, off)
+    if NUM_LEVELS > 7:
+        b = tl.where(l >= 7, B7, b)
+        off = tl.where(l >= 7, O7, off)
+    return b, off
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pyramid_pool: one read of x, every level reduced from the same tile
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_level_tile(acc, xt, w, h, H, W, B: tl.constexpr, BP: tl.constexpr):
+    # acc: [BLOCK_C, BP, BP] running bin sums (i, j) of one level; xt: [BLOCK_C, BLOCK_W] the part of row h at
+    # columns w (zero outside the tensor). Separable: first the column-bin sums of this row piece, then each is added
+    # to every row bin that contains h. Selections (not 0/1 products), so a NaN only reaches the bins holding it.
+    k = tl.arange(0, BP)
+    valid = k < B
+    c_lo = (k * W) // B
+    c_hi = tl.where(valid, ((k + 1) * W + B - 1) // B, 0)
+    r_lo = (k * H) // B
+    r_hi = tl.where(valid, ((k + 1) * H + B - 1) // B, 0)
+    in_col = (w[:, None] >= c_lo[None, :]) & (w[:, None] < c_hi[None, :])  # [BLOCK_W, BP]
+    part = tl.sum(tl.where(in_col[None, :, :], xt[:, :, None], 0.0), axis=1)  # [BLOCK_C, BP]
+    in_row = (h >= r_lo) & (h < r_hi)  # [BP]
+    acc += tl.where(in_row[None, :, None], part[:, None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _pool_level_store(out_rows, cmask, acc, H, W, OFF: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
+                      IS_F64: tl.constexpr):
+    # out_rows: [BLOCK_C] pointers to pooled[n, c, 0]. Mean as ATen: sum / kh / kw.
+    k = tl.arange(0, BP)
+    valid = k < B
+    kh = ((k + 1) * H + B - 1) // B - (k * H) // B
+    kw = ((k + 1) * W + B - 1) // B - (k * W) // B
+    kh = tl.where(valid, kh, 1).to(acc.dtype)
+    kw = tl.where(valid, kw, 1).to(acc.dtype)
+    v = _div(_div(acc, kh[None, :, None], IS_F64), kw[None, None, :], IS_F64)
+    col = OFF + k[:, None] * B + k[None, :]  # [BP, BP]
+    mask = cmask[:, None, None] & valid[None, :, None] & valid[None, None, :]
+    tl.store(out_rows[:, None, None] + col[None, :, :], v, mask=mask)
+
+
+@triton.jit
+def _pyramid_pool_kernel(
+    x_ptr, out_ptr,
+    C, H, W,
+    sxn, sxc, sxh, sxw,
+    son, soc,
+    n_cblocks,
+    NUM_LEVELS: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr, O4: tl.constexpr,
+    O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr,
+    BP0: tl.constexpr, BP1: tl.constexpr, BP2: tl.constexpr, BP3: tl.constexpr,
+    BP4: tl.constexpr, BP5: tl.constexpr, BP6: tl.constexpr, BP7: tl.constexpr,
+    IS_F64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # Grid: (N * cdiv(C, BLOCK_C),). A program owns BLOCK_C channels of one image, walks x row by row in
+    # [BLOCK_C, BLOCK_W] tiles (x read exactly once) and keeps one [BLOCK_C, BP_l, BP_l] accumulator per level.
+    pid = tl.program_id(0)
+    n = pid // n_cblocks
+    cb = pid % n_cblocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc_ty = out_ptr.dtype.element_ty
+    x_row = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc  # [BLOCK_C] pointers to x[n, c, 0, 0]
+
+    acc0 = tl.zeros([BLOCK_C, BP0, BP0], acc_ty)
+    acc1 = tl.zeros([BLOCK_C, BP1, BP1], acc_ty)
+    acc2 = tl.zeros([BLOCK_C, BP2, BP2], acc_ty)
+    acc3 = tl.zeros([BLOCK_C, BP3, BP3], acc_ty)
+    acc4 = tl.zeros([BLOCK_C, BP4, BP4], acc_ty)
+    acc5 = tl.zeros([BLOCK_C, BP5, BP5], acc_ty)
+    acc6 = tl.zeros([BLOCK_C, BP6, BP6], acc_ty)
+    acc7 = tl.zeros([BLOCK_C, BP7, BP7], acc_ty)
+
+    for h in range(0, H):
+        for w0 in range(0, W, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            wmask = w < W
+            xt = tl.load(x_row[:, None] + w[None, :] * sxw, mask=cmask[:, None] & wmask[None, :], other=0.0)
+            xt = xt.to(acc_ty)
+            acc0 = _pool_level_tile(acc0, xt, w, h, H, W, B0, BP0)
+            if NUM_LEVELS > 1:
+                acc1 = _pool_level_tile(acc1, xt, w, h, H, W, B1, BP1)
+            if NUM_LEVELS > 2:
+                acc2 = _pool_level_tile(acc2, xt, w, h, H, W, B2, BP2)
+            if NUM_LEVELS > 3:
+                acc3 = _pool_level_tile(acc3, xt, w, h, H, W, B3, BP3)
+            if NUM_LEVELS > 4:
+                acc4 = _pool_level_tile(acc4, xt, w, h, H, W, B4, BP4)
+            if NUM_LEVELS > 5:
+                acc5 = _pool_level_tile(acc5, xt, w, h, H, W, B5, BP5)
+            if NUM_LEVELS > 6:
+                acc6 = _pool_level_tile(acc6, xt, w, h, H, W, B6, BP6)
+            if NUM_LEVELS > 7:
+                acc7 = _pool_level_tile(acc7, xt, w, h, H, W, B7, BP7)
+        x_row += sxh  # 64-bit pointer arithmetic: no h * sxh product that could overflow int32
+
+    out_rows = out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
+    _pool_level_store(out_rows, cmask, acc0, H, W, 0, B0, BP0, IS_F64)
+    if NUM_LEVELS > 1:
+        _pool_level_store(out_rows, cmask, acc1, H, W, O1, B1, BP1, IS_F64)
+    if NUM_LEVELS > 2:
+        _pool_level_store(out_rows, cmask, acc2, H, W, O2, B2, BP2, IS_F64)
+    if NUM_LEVELS > 3:
+        _pool_level_store(out_rows, cmask, acc3, H, W, O3, B3, BP3, IS_F64)
+    if NUM_LEVELS > 4:
+        _pool_level_store(out_rows, cmask, acc4, H, W, O4, B4, BP4, IS_F64)
+    if NUM_LEVELS > 5:
+        _pool_level_store(out_rows, cmask, acc5, H, W, O5, B5, BP5, IS_F64)
+    if NUM_LEVELS > 6:
+        _pool_level_store(out_rows, cmask, acc6, H, W, O6, B6, BP6, IS_F64)
+    if NUM_LEVELS > 7:
+        _pool_level_store(out_rows, cmask, acc7, H, W, O7, B7, BP7, IS_F64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ppm_reduce: one grouped product for all levels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ppm_reduce_kernel(
+    p_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
+    N, C, R,
+    spn, spc, sps,
+    swl, swr, swc,
+    ssl, ssr,
+    shl, shr,
+    son, sor, sos,
+    NUM_LEVELS: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr, O4: tl.constexpr,
+    O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    # Grid: (cdiv(R, BLOCK_R), cdiv(N * max_l b_l^2, BLOCK_Q), L). Per level l the product is
+    # weight[l] (R, C) @ P_l (C, N*b_l^2), whose columns q = n*b_l^2 + k are pooled[n, :, off_l + k]: the batch is
+    # folded into the columns so that each weight tile is read once per column block, not once per image.
+    rb = tl.program_id(0)
+    qb = tl.program_id(1)
+    l = tl.program_id(2)
+    b, off = _level_by_id(l, NUM_LEVELS, B0, B1, B2, B3, B4, B5, B6, B7, O1, O2, O3, O4, O5, O6, O7)
+    b2 = b * b
+    ncols = N * b2
+    if qb * BLOCK_Q >= ncols:  # column blocks past this level's N*b_l^2 columns (smaller levels)
+        return
+    acc_ty = out_ptr.dtype.element_ty
+
+    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < ncols
+    n = q // b2
+    k = q - n * b2
+    col = off + k
+    p_cols = p_ptr + n.to(tl.int64) * spn + col.to(tl.int64) * sps  # [BLOCK_Q]
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < R
+    w_rows = w_ptr + l.to(tl.int64) * swl + r.to(tl.int64) * swr  # [BLOCK_R]
+
+    acc = tl.zeros([BLOCK_R, BLOCK_Q], acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        c64 = c.to(tl.int64)
+        wt = tl.load(w_rows[:, None] + c64[None, :] * swc, mask=rmask[:, None] & cm[None, :], other=0.0)
+        pt = tl.load(p_cols[None, :] + c64[:, None] * spc, mask=cm[:, None] & qmask[None, :], other=0.0)
+        if USE_DOT:
+            # float32 only: exact fp32 products and accumulation (no TF32).
+            acc = tl.dot(wt, pt, acc, input_precision="ieee")
+        else:
+            acc += tl.sum(wt[:, :, None] * pt[None, :, :], axis=1)
+
+    v = acc
+    if HAS_AFFINE:
+        sc = tl.load(scale_ptr + l.to(tl.int64) * ssl + r * ssr, mask=rmask, other=0.0)
+        sh = tl.load(shift_ptr + l.to(tl.int64) * shl + r * shr, mask=rmask, other=0.0)
+        v = v * sc[:, None]
+        v = v + sh[:, None]
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
+    o = out_ptr + n.to(tl.int64)[None, :] * son + r.to(tl.int64)[:, None] * sor + col.to(tl.int64)[None, :] * sos
+    tl.store(o, v.to(acc_ty), mask=rmask[:, None] & qmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# upsample_concat: one launch writes x's copy and every upsampled level
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_tap(dst, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # ppm_math.h linear_scale / linear_source / linear_tap for destination indices dst ([BLOCK], int32), with IN the
+    # source extent (runtime scalar) and OUT the destination extent, in op-math type dt (float32 / float64).
+    # src >= 0 always, so truncation is floor.
+    if ALIGN:
+        num = tl.cast(IN - 1, dt)
+        den = tl.cast(tl.maximum(OUT - 1, 1), dt)
+        scale = tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
+        src = scale * dst.to(dt)
+    else:
+        scale = _div(tl.cast(IN, dt), tl.cast(OUT, dt), IS_F64)
+        src = scale * (dst.to(dt) + 0.5) - 0.5
+        src = tl.where(src < 0.0, 0.0, src)
+    i0 = tl.minimum(src.to(tl.int32), IN - 1)
+    l1 = src - i0.to(dt)
+    l1 = tl.where(l1 < 0.0, 0.0, l1)
+    l1 = tl.where(l1 > 1.0, 1.0, l1)
+    l0 = 1.0 - l1
+    i1 = i0 + (i0 < IN - 1).to(tl.int32)
+    same = IN == OUT  # a dimension that keeps its size is copied (ATen), no neighbour tap
+    i0 = tl.where(same, dst, i0)
+    i1 = tl.where(same, dst, i1)
+    l0 = tl.where(same, 1.0, l0)
+    l1 = tl.where(same, 0.0, l1)
+    return i0, i1, l0, l1
+
+
+@triton.jit
+def _upsample_concat_kernel(
+    x_ptr, lv_ptr, out_ptr,
+    C, R, H, W,
+    sxn, sxc, sxh, sxw,
+    sln, slr, sls,
+    son, soc, soh, sow,
+    n_pblocks, n_xcblocks, n_rblocks,
+    NUM_LEVELS: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr, O4: tl.constexpr,
+    O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr,
+    ALIGN: tl.constexpr, IS_F64: tl.constexpr, X_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
+    BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Grid: (N * cdiv(H*W, BLOCK_P), cdiv(C, BLOCK_CH) + L * cdiv(R, BLOCK_CH)). A program writes a
+    # [BLOCK_CH channels, BLOCK_P positions] tile of out[n]: channel blocks below cdiv(C, BLOCK_CH) copy x, the others
+    # belong to one level each, so the bilinear taps of the BLOCK_P positions are computed once for BLOCK_CH maps.
+    # *_FLAT: the (h, w) plane is dense (stride_h == W * stride_w), address p * stride_w keeps loads vectorizable.
+    pid0 = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = (pid0 // n_pblocks).to(tl.int64)
+    pb = pid0 % n_pblocks
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    h = p // W
+    w = p - h * W
+    if O_FLAT:
+        o_sp = p.to(tl.int64) * sow
+    else:
+        o_sp = h.to(tl.int64) * soh + w.to(tl.int64) * sow
+    out_n = out_ptr + n * son
+    out_ty = out_ptr.dtype.element_ty
+
+    if cb < n_xcblocks:
+        c = cb * BLOCK_CH + tl.arange(0, BLOCK_CH)
+        m = (c < C)[:, None] & pmask[None, :]
+        if X_FLAT:
+            x_sp = p.to(tl.int64) * sxw
+        else:
+            x_sp = h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        v = tl.load(x_ptr + n * sxn + c.to(tl.int64)[:, None] * sxc + x_sp[None, :], mask=m)
+        tl.store(out_n + c.to(tl.int64)[:, None] * soc + o_sp[None, :], v, mask=m)
+    else:
+        t = cb - n_xcblocks
+        l = t // n_rblocks
+        rb = t - l * n_rblocks
+        b, off = _level_by_id(l, NUM_LEVELS, B0, B1, B2, B3, B4, B5, B6, B7, O1, O2, O3, O4, O5, O6, O7)
+        op_ty = lv_ptr.dtype.element_ty
+        ih0, ih1, lh0, lh1 = _linear_tap(h, b, H, ALIGN, IS_F64, op_ty)
+        iw0, iw1, lw0, lw1 = _linear_tap(w, b, W, ALIGN, IS_F64, op_ty)
+        r = rb * BLOCK_CH + tl.arange(0, BLOCK_CH)
+        m = (r < R)[:, None] & pmask[None, :]
+        base = lv_ptr + n * sln + r.to(tl.int64)[:, None] * slr + off.to(tl.int64) * sls  # [BLOCK_CH, 1]
+        # Both taps are always read: a NaN behind a zero weight reaches the output, as in PyTorch.
+        v00 = tl.load(base + (ih0 * b + iw0).to(tl.int64)[None, :] * sls, mask=m, other=0.0)
+        v01 = tl.load(base + (ih0 * b + iw1).to(tl.int64)[None, :] * sls, mask=m, other=0.0)
+        v10 = tl.load(base + (ih1 * b + iw0).to(tl.int64)[None, :] * sls, mask=m, other=0.0)
+        v11 = tl.load(base + (ih1 * b + iw1).to(tl.int64)[None, :] * sls, mask=m, other=0.0)
+        lh0 = lh0[None, :]
+        lh1 = lh1[None, :]
+        lw0 = lw0[None, :]
+        lw1 = lw1[None, :]
+        val = lh0 * (lw0 * v00 + lw1 * v01) + lh1 * (lw0 * v10 + lw1 * v11)
+        ch = (C + l * R + r).to(tl.int64)
+        tl.store(out_n + ch[:, None] * soc + o_sp[None, :], val.to(out_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel); under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction, which
+    wrap_triton of older torch releases rejects (newer ones return it unchanged), so it is launched as is. Named
+    wrap_triton so that triton_op's source scan (get_inner_triton_kernels) still finds the kernels of each op."""
+    if isinstance(kernel, JITFunction):
+        return _torch_wrap_triton(kernel)
+    return kernel
+
+
+def _register(name: str):
+    """triton_op(name), or the op already registered under that name by another copy of this file (the same source
+    loaded under a second module name, e.g. by path from a test and as pspnet_fast.kernels)."""
+
+    def deco(fn):
+        try:
+            return triton_op(name, mutates_args=())(fn)
+        except RuntimeError:
+            ns, op = name.split("::")
+            if hasattr(getattr(torch.ops, ns), op):
+                return getattr(getattr(torch.ops, ns), op)
+            raise
+
+    return deco
+
+
+def _next_pow2(v: int) -> int:
+    return 1 if v <= 1 else 1 << (int(v) - 1).bit_length()
+
+
+def _check_bins(bins: Sequence[int], op: str) -> List[int]:
+    bins = [int(b) for b in bins]
+    if len(bins) > MAX_LEVELS:
+        raise ValueError(f"{op}: the Triton backend takes at most {MAX_LEVELS} pyramid levels, got {len(bins)}")
+    if any(b < 1 for b in bins):
+        raise ValueError(f"{op}: bins must be positive, got {bins}")
+    return bins
+
+
+def _bins_meta(bins: List[int]) -> dict:
+    """Constexpr kwargs NUM_LEVELS, B0..B7, O1..O7 (offsets of the levels' first columns)."""
+    padded = bins + [1] * (MAX_LEVELS - len(bins))
+    meta = {"NUM_LEVELS": max(len(bins), 1)}
+    off = 0
+    for i, b in enumerate(padded):
+        meta[f"B{i}"] = b
+        if i > 0:
+            meta[f"O{i}"] = off
+        off += b * b
+    return meta
+
+
+def _pool_blocks(W: int, bins: List[int], is_f64: bool):
+    """(BLOCK_C, BLOCK_W) of the pooling kernel within a register budget (4 warps): the per-level accumulators hold
+    BLOCK_C * sum_l BP_l^2 values, the column-bin selection of a tile BLOCK_C * BLOCK_W * max_l BP_l."""
+    bps = [_next_pow2(b) for b in bins]
+    budget = 1024 if is_f64 else 2048
+    block_c = 16
+    while block_c > 1 and block_c * sum(bp * bp for bp in bps) > budget:
+        block_c //= 2
+    block_w = min(_next_pow2(W), 32)
+    while block_w > 1 and block_c * block_w * max(bps) > 2 * budget:
+        block_w //= 2
+    return block_c, block_w
+
+
+def _suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    # Tensor.suggest_memory_format(): ATen's is_channels_last_strides_2d_s4 test (ambiguous cases -> contiguous).
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return torch.contiguous_format
+    smin = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0:
+            return torch.contiguous_format
+        if strides[d] < smin:
+            return torch.contiguous_format
+        if d == 0 and smin == strides[1]:
+            return torch.contiguous_format
+        smin = strides[d]
+        if sizes[d] > 1:
+            smin *= sizes[d]
+    return torch.channels_last
+
+
+@_register("pspnet_fast::triton_pyramid_pool")
+def _triton_pyramid_pool(x: torch.Tensor, bins: List[int]) -> torch.Tensor:
+    bins = _check_bins(bins, "pyramid_pool")
+    if x.dim() != 4:
+        raise ValueError(f"pyramid_pool: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _POOL_DTYPES:
+        raise TypeError(f"pyramid_pool: unsupported dtype {x.dtype}")
+    N, C, H, W = x.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"pyramid_pool: H and W must be non-zero, got {tuple(x.shape)}")
+    is_f64 = x.dtype == torch.float64
+    S = sum(b * b for b in bins)
+    out = torch.empty((N, C, S), dtype=torch.float64 if is_f64 else torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out
+
+    block_c, block_w = _pool_blocks(W, bins, is_f64)
+    bps = [_next_pow2(b) for b in bins]
+    meta = _bins_meta(bins)
+    for i in range(MAX_LEVELS):
+        meta[f"BP{i}"] = bps[i] if i < len(bins) else 1
+    n_cblocks = triton.cdiv(C, block_c)
+    wrap_triton(_pyramid_pool_kernel)[(N * n_cblocks,)](
+        x, out, C, H, W,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        out.stride(0), out.stride(1),
+        n_cblocks,
+        IS_F64=is_f64, BLOCK_C=block_c, BLOCK_W=block_w,
+        num_warps=4,
+        **meta,
+    )
+    return out
+
+
+@_register("pspnet_fast::triton_ppm_reduce")
+def _triton_ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                       shift: Optional[torch.Tensor], bins: List[int], relu: bool) -> torch.Tensor:
+    bins = _check_bins(bins, "ppm_reduce")
+    L = len(bins)
+    S = sum(b * b for b in bins)
+    if pooled.dim() != 3 or pooled.shape[2] != S:
+        raise ValueError(f"ppm_reduce: pooled must be (N, C, {S}), got {tuple(pooled.shape)}")
+    if pooled.dtype not in _LEVEL_DTYPES:
+        raise TypeError(f"ppm_reduce: pooled must be float32 or float64, got {pooled.dtype}")
+    N, C, _ = pooled.shape
+    if weight.dim() != 3 or weight.shape[0] != L or weight.shape[2] != C:
+        raise ValueError(f"ppm_reduce: weight must be ({L}, R, {C}), got {tuple(weight.shape)}")
+    if weight.dtype != pooled.dtype:
+        raise TypeError(f"ppm_reduce: weight dtype {weight.dtype} != pooled dtype {pooled.dtype}")
+    R = weight.shape[1]
+    if (scale is None) != (shift is None):
+        raise ValueError("ppm_reduce: scale and shift must be given together")
+    has_affine = scale is not None
+    if has_affine:
+        for name, t in (("scale", scale), ("shift", shift)):
+            if tuple(t.shape) != (L, R):
+                raise ValueError(f"ppm_reduce: {name} must be ({L}, {R}), got {tuple(t.shape)}")
+            if t.dtype != pooled.dtype:
+                raise TypeError(f"ppm_reduce: {name} dtype {t.dtype} != pooled dtype {pooled.dtype}")
+    out = torch.empty((N, R, S), dtype=pooled.dtype, device=pooled.device)
+    if out.numel() == 0:
+        return out
+
+    is_f64 = pooled.dtype == torch.float64
+    if is_f64:  # no tl.dot: broadcast-multiply-sum over [BLOCK_R, BLOCK_C, BLOCK_Q]
+        block_r, block_c, block_q = 16, 8, 32
+    else:
+        block_r, block_c, block_q = 32, 32, 32
+    max_cols = N * max(b * b for b in bins)
+    sc = scale if has_affine else pooled
+    sh = shift if has_affine else pooled
+    grid = (triton.cdiv(R, block_r), triton.cdiv(max_cols, block_q), L)
+    wrap_triton(_ppm_reduce_kernel)[grid](
+        pooled, weight, sc, sh, out,
+        N, C, R,
+        pooled.stride(0), pooled.stride(1), pooled.stride(2),
+        weight.stride(0), weight.stride(1), weight.stride(2),
+        sc.stride(0), sc.stride(1) if sc.dim() > 1 else 1,
+        sh.stride(0), sh.stride(1) if sh.dim() > 1 else 1,
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_AFFINE=has_affine, RELU=bool(relu), USE_DOT=not is_f64,
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Q=block_q,
+        num_warps=4,
+        **_bins_meta(bins),
+    )
+    return out
+
+
+@_register("pspnet_fast::triton_upsample_concat")
+def _triton_upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: List[int],
+                            align_corners: bool) -> torch.Tensor:
+    bins = _check_bins(bins, "upsample_concat")
+    L = len(bins)
+    S = sum(b * b for b in bins)
+    if x.dim() != 4:
+        raise ValueError(f"upsample_concat: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _POOL_DTYPES:
+        raise TypeError(f"upsample_concat: unsupported x dtype {x.dtype}")
+    N, C, H, W = x.shape
+    if levels.dim() != 3 or levels.shape[0] != N or levels.shape[2] != S:
+        raise ValueError(f"upsample_concat: levels must be ({N}, R, {S}), got {tuple(levels.shape)}")
+    if levels.dtype not in _LEVEL_DTYPES:
+        raise TypeError(f"upsample_concat: levels must be float32 or float64, got {levels.dtype}")
+    R = levels.shape[1]
+    out = torch.empty((N, C + L * R, H, W), dtype=x.dtype, device=x.device,
+                      memory_format=_suggest_memory_format(x))
+    if out.numel() == 0:
+        return out
+
+    block_ch, block_p = 32, 64
+    n_pblocks = triton.cdiv(H * W, block_p)
+    n_xcblocks = triton.cdiv(C, block_ch)
+    n_rblocks = triton.cdiv(R, block_ch)
+    grid = (N * n_pblocks, n_xcblocks + L * n_rblocks)
+    wrap_triton(_upsample_concat_kernel)[grid](
+        x, levels, out,
+        C, R, H, W,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        levels.stride(0), levels.stride(1), levels.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        n_pblocks, n_xcblocks, n_rblocks,
+        ALIGN=bool(align_corners), IS_F64=levels.dtype == torch.float64,
+        X_FLAT=x.stride(2) == W * x.stride(3), O_FLAT=out.stride(2) == W * out.stride(3),
+        BLOCK_CH=block_ch, BLOCK_P=block_p,
+        num_warps=4,
+        **_bins_meta(bins),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pyramid_pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling of x to every b x b grid in one pass over x.
+
+    x: (N, C, H, W) float32/float64/float16/bfloat16, any strides (contiguous and channels_last are coalesced),
+    on a device Triton runs on (CUDA; CPU under TRITON_INTERPRET=1). Returns (N, C, S) contiguous float32
+    (float64 for float64 x), S = sum b^2, level l's bin (i, j) at column off_l + i*b_l + j.
+    """
+    return torch.ops.pspnet_fast.triton_pyramid_pool(x, list(bins))
+
+
+def ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+               shift: Optional[torch.Tensor], bins: Sequence[int], relu: bool) -> torch.Tensor:
+    """Per-level 1x1 convolution of the pooled maps, optional affine (folded BatchNorm) and ReLU.
+
+    pooled: (N, C, S) float32/float64; weight: (L, R, C) same dtype; scale, shift: (L, R) same dtype or both None.
+    Returns (N, R, S) in pooled's dtype: v = sum_c weight[l, r, c] * pooled[n, c, off_l + k] (k < b_l^2),
+    v = v * scale[l, r] + shift[l, r], then where(v < 0, 0, v) if relu (NaN passes through).
+    """
+    return torch.ops.pspnet_fast.triton_ppm_reduce(pooled, weight, scale, shift, list(bins), bool(relu))
+
+
+def upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """cat([x] + [bilinear upsampling of each level to (H, W)], dim=1) in one pass.
+
+    x: (N, C, H, W) float32/float64/float16/bfloat16, any strides; levels: (N, R, S) float32/float64 (the
+    interpolation is computed in levels' dtype). Returns (N, C + L*R, H, W) in x's dtype and x's memory format
+    (channels_last stays channels_last).
+    """
+    return torch.ops.pspnet_fast.triton_upsample_concat(x, levels, list(bins), bool(align_corners))
