@@ -67,6 +67,30 @@ class PyramidPooling(_RefPyramidPooling):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
+    def _reduce_params(self, dtype: torch.dtype):
+        """weight (L, R, C) and, when every BatchNorm can be folded, (scale, shift) each (L, R), in `dtype`.
+
+        Without autograd (inference) they are cached until a parameter or buffer changes (tensor versions), so the
+        16 MB of 1x1 weights of a 2048-channel PPM are not restacked on every call."""
+        tensors = [t for f in self.features for t in (f[1].weight, *f[2].parameters(), *f[2].buffers())]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        if cacheable:
+            key = (dtype, tuple(f[2].training for f in self.features), tuple((t.data_ptr(), t._version) for t in tensors))
+            cached = self.__dict__.get("_reduce_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        C, R = self.in_channels, self.reduction_channels
+        weight = torch.stack([f[1].weight.reshape(R, C) for f in self.features]).to(dtype)  # (L, R, C)
+        folded = [_folded_bn(f[2], dtype) for f in self.features]
+        if all(fb is not None for fb in folded):
+            folded = (torch.stack([fb[0] for fb in folded]), torch.stack([fb[1] for fb in folded]))
+        else:
+            folded = None
+        if cacheable:
+            self.__dict__["_reduce_cache"] = (key, (weight, folded))
+        return weight, folded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         weight0 = self.features[0][1].weight
@@ -78,22 +102,17 @@ class PyramidPooling(_RefPyramidPooling):
         kernels = ops.op_set(backend)
 
         pooled = kernels.pyramid_pool(x, self.bins)  # (N, C, S), float32 (float64 for float64 x)
-        acc = pooled.dtype
-        C, R = self.in_channels, self.reduction_channels
-        weight = torch.stack([f[1].weight.reshape(R, C) for f in self.features]).to(acc)  # (L, R, C)
-        folded = [_folded_bn(f[2], acc) for f in self.features]
-        if all(fb is not None for fb in folded):
-            scale = torch.stack([fb[0] for fb in folded])  # (L, R)
-            shift = torch.stack([fb[1] for fb in folded])
-            levels = kernels.ppm_reduce(pooled, weight, scale, shift, self.bins, True)  # (N, R, S)
+        weight, folded = self._reduce_params(pooled.dtype)
+        if folded is not None:
+            levels = kernels.ppm_reduce(pooled, weight, folded[0], folded[1], self.bins, True)  # (N, R, S)
         else:
             # Training (or BatchNorm without running statistics): the module's own BatchNorm and ReLU on the small
             # (N, R, b, b) maps, so batch statistics and running-stat updates are exactly the reference's.
             y = kernels.ppm_reduce(pooled, weight, None, None, self.bins, False)
-            parts, off = [], 0
+            parts, off, R = [], 0, self.reduction_channels
             for b, f in zip(self.bins, self.features):
                 yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b)
                 parts.append(f[3](f[2](yl)).flatten(2))
                 off += b * b
-            levels = torch.cat(parts, 2).to(acc)
+            levels = torch.cat(parts, 2).to(pooled.dtype)
         return kernels.upsample_concat(x, levels, self.bins, self.align_corners)

@@ -262,3 +262,20 @@ def test_torch_compile_fullgraph():
     x = torch.randn(2, 8, 13, 11)
     assert_close_to_ref(compiled(x), ref(x), torch.float32)
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_reuse_cached_buffers(layout):
+    """Outputs past the CPU kernels' thresholds (streaming stores >= 16 MB, buffer cache >= 4 MB): repeated calls of
+    one size reuse freed buffers, which must be fully rewritten each time."""
+    _skip_unavailable("cpu")
+    ref = make_ref(256, (1, 2, 3, 6)).eval()
+    fused = pspnet_fast.PyramidPooling.from_reference(ref, backend="cpu")
+    with torch.no_grad():
+        for seed in range(3):
+            torch.manual_seed(seed)
+            x = _layout(torch.randn(2, 256, 64, 97) * (seed + 1), layout)
+            got = fused(x)
+            assert got.nbytes >= 16 << 20
+            assert_close_to_ref(got, ref(x), torch.float32)
+            del got

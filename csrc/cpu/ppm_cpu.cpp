@@ -6,11 +6,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "ppm_math.h"
@@ -59,6 +64,74 @@ Segments make_segments(at::IntArrayRef bins, int64_t n) {
   }
   return s;
 }
+
+// A small cache of large output buffers. The PPM output (N x 2C x H x W: 59 MB for one 2048 x 60 x 60 map) is larger
+// than glibc's mmap threshold, so every fresh allocation is new pages that the kernel zero-fills on first touch:
+// ~13 ms on the 2-core CI machine, twice the time of writing the output itself. Buffers freed by the caller come
+// back here and the next call of the same size reuses them. Bounded by PSPNET_FAST_CPU_CACHE_MB (default 512; 0 turns
+// the cache off); only buffers of at least 4 MB are cached.
+class OutputCache {
+ public:
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive static destruction
+    return *cache;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t s : sizes) numel *= s;
+    const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+    if (nbytes < kMinBytes || limit_ == 0) return at::empty_strided(sizes, strides, options);
+    void* ptr = take(nbytes);
+    if (ptr == nullptr) {
+      ptr = std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
+      TORCH_CHECK(ptr != nullptr, "pspnet_fast: out of memory allocating ", nbytes, " bytes");
+    }
+    return at::from_blob(ptr, sizes, strides, [this, nbytes](void* p) { give_back(p, nbytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(4) << 20;
+
+  OutputCache() {
+    const char* env = std::getenv("PSPNET_FAST_CPU_CACHE_MB");
+    limit_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(512)) << 20;
+  }
+
+  void* take(size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].first == nbytes) {
+        void* p = free_[i].second;
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        cached_ -= nbytes;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  void give_back(void* p, size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Oldest buffers leave first when the bound would be exceeded.
+    while (!free_.empty() && cached_ + nbytes > limit_) {
+      std::free(free_.front().second);
+      cached_ -= free_.front().first;
+      free_.erase(free_.begin());
+    }
+    if (cached_ + nbytes > limit_) {
+      std::free(p);
+      return;
+    }
+    free_.emplace_back(nbytes, p);
+    cached_ += nbytes;
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t cached_ = 0;
+  size_t limit_ = 0;
+};
 
 int64_t total_bins(at::IntArrayRef bins) {
   int64_t s = 0;
@@ -112,22 +185,27 @@ void pyramid_pool_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh
   const int64_t nsh = sh.size(), nsw = sw.size();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
-  // One task per (n, c) plane: the plane (H x W) is read once, row by row; each row is cut into its column
-  // segments, whose sums land in the row's segment row.
+  // One task per (n, c) plane, read once, row by row: rows of one row segment are added into a W-wide column sum
+  // (a contiguous, vectorized add), which is cut into column segments when the row segment ends.
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> seg(nsh * nsw);
+    std::vector<acc_t> colsum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
-      std::fill(seg.begin(), seg.end(), acc_t(0));
       const scalar_t* px = xp + plane * H * W;
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t* srow = seg.data() + sh.of_index[h] * nsw;
-        const scalar_t* row = px + h * W;
+      for (int64_t u = 0; u < nsh; ++u) {
+        acc_t* cs = colsum.data();
+        const scalar_t* row = px + sh.bounds[u] * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<acc_t>(row[w]);
+        for (int64_t h = sh.bounds[u] + 1; h < sh.bounds[u + 1]; ++h) {
+          row = px + h * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<acc_t>(row[w]);
+        }
         for (int64_t v = 0; v < nsw; ++v) {
-          acc_t s = 0;
-          const int64_t w0 = sw.bounds[v], w1 = sw.bounds[v + 1];
-#pragma omp simd reduction(+ : s)
-          for (int64_t w = w0; w < w1; ++w) s += static_cast<acc_t>(row[w]);
-          srow[v] += s;
+          acc_t t = 0;
+          for (int64_t w = sw.bounds[v]; w < sw.bounds[v + 1]; ++w) t += cs[w];
+          seg[u * nsw + v] = t;
         }
       }
       finish_bins<acc_t>(seg.data(), nsw, sh, sw, bins, op + plane * S, 1);
@@ -140,8 +218,9 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
   const int64_t nsh = sh.size(), nsw = sw.size();
-  // Channel blocks small enough that the (nsh * nsw * CB) accumulators stay in L2, long enough to vectorize.
-  const int64_t CB = std::min<int64_t>(C, 64);
+  // Channel blocks as long as the (nsh * nsw * CB) accumulators allow within ~256 KB (L2): long contiguous runs of
+  // each pixel's channels stream well; at least 16 channels so the adds vectorize.
+  const int64_t CB = std::min<int64_t>(C, std::max<int64_t>(16, (65536 / (nsh * nsw)) / 16 * 16));
   const int64_t nblocks = (C + CB - 1) / CB;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
@@ -191,6 +270,111 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
   return out;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PSP_X86_SMALL_GEMM 1
+#include <immintrin.h>
+
+constexpr int64_t kSmallGemmCols = 64;
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// Y[r, k] = sum_c W[r, c] * PT[k, c] for rows [r0, r1) and KN columns at once: W's row is loaded once per 8 channels
+// and multiplied into KN accumulators (registers), PT (K x C, small) stays in cache.
+template <int KN>
+__attribute__((target("avx2,fma"))) void small_gemm_block(const float* w, const float* pt, float* y, int64_t C,
+                                                          int64_t K) {
+  __m256 acc[KN];
+  for (int j = 0; j < KN; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + c);
+    for (int j = 0; j < KN; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pt + j * C + c), acc[j]);
+  }
+  for (int j = 0; j < KN; ++j) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    float sum = _mm_cvtss_f32(lo);
+    for (int64_t t = c; t < C; ++t) sum += w[t] * pt[j * C + t];
+    y[j] = sum;
+  }
+  (void)K;
+}
+
+__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
+                                                              int64_t r1, int64_t C, int64_t K) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* w = W + r * C;
+    float* y = Y + r * K;
+    int64_t k0 = 0;
+    for (; k0 + 8 <= K; k0 += 8) small_gemm_block<8>(w, PT + k0 * C, y + k0, C, K);
+    switch (K - k0) {
+      case 7: small_gemm_block<7>(w, PT + k0 * C, y + k0, C, K); break;
+      case 6: small_gemm_block<6>(w, PT + k0 * C, y + k0, C, K); break;
+      case 5: small_gemm_block<5>(w, PT + k0 * C, y + k0, C, K); break;
+      case 4: small_gemm_block<4>(w, PT + k0 * C, y + k0, C, K); break;
+      case 3: small_gemm_block<3>(w, PT + k0 * C, y + k0, C, K); break;
+      case 2: small_gemm_block<2>(w, PT + k0 * C, y + k0, C, K); break;
+      case 1: small_gemm_block<1>(w, PT + k0 * C, y + k0, C, K); break;
+      default: break;
+    }
+  }
+}
+
+// Copies n floats to dst with non-temporal stores: an output far larger than the caches is written without first
+// reading each destination line (write-allocate), which halves the write traffic. The caller fences (_mm_sfence)
+// before other threads may read dst.
+__attribute__((target("avx2"))) void stream_store_f32(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+void stream_fence() { _mm_sfence(); }
+#else
+#define PSP_X86_SMALL_GEMM 0
+#endif
+
+// Outputs at least this large are written with streaming stores where the CPU allows (float32 only).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Writes n values from src (already in the output type) to dst, streaming when `stream`.
+template <typename scalar_t>
+inline void store_block(scalar_t* dst, const scalar_t* src, int64_t n, bool stream) {
+#if PSP_X86_SMALL_GEMM
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream) {
+      stream_store_f32(dst, src, n);
+      return;
+    }
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, n * sizeof(scalar_t));
+}
+
+inline void store_fence(bool stream) {
+#if PSP_X86_SMALL_GEMM
+  if (stream) stream_fence();
+#else
+  (void)stream;
+#endif
+}
+
+inline bool use_streaming(const at::Tensor& out) {
+#if PSP_X86_SMALL_GEMM
+  return out.scalar_type() == at::kFloat && out.nbytes() >= static_cast<size_t>(kStreamBytes) &&
+         __builtin_cpu_supports("avx2");
+#else
+  (void)out;
+  return false;
+#endif
+}
+
 // All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
 // platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
 Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
@@ -225,7 +409,23 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
     const int64_t s = bins[l] * bins[l];
     // (N, C, s) -> (C, N * s): one GEMM for all images of this level.
     const Tensor pl = p.narrow(2, off, s).permute({1, 0, 2}).reshape({C, N * s});
-    const Tensor yl = at::mm(wt.select(0, l), pl);  // (R, N * s)
+    Tensor yl;  // (R, N * s)
+#if PSP_X86_SMALL_GEMM
+    if (out.scalar_type() == at::kFloat && N * s <= kSmallGemmCols && cpu_has_avx2_fma()) {
+      // BLAS runs these thin products (4-36 columns) at ~10 GFLOP/s here; they are bound by reading W_l once.
+      const Tensor plt = pl.t().contiguous();  // (N * s, C)
+      yl = at::empty({R, N * s}, out.options());
+      const float* w = wt.const_data_ptr<float>() + l * R * C;
+      float* y = yl.mutable_data_ptr<float>();
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        small_gemm_rows_avx2(w, plt.const_data_ptr<float>(), y, r0, r1, C, N * s);
+      });
+    } else {
+      yl = at::mm(wt.select(0, l), pl);
+    }
+#else
+    yl = at::mm(wt.select(0, l), pl);
+#endif
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
       const scalar_t* y = yl.const_data_ptr<scalar_t>();
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -289,14 +489,17 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const lvl_t* yp = levels.const_data_ptr<lvl_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = H * W;
-  // One task per output plane (n, c'): planes c' < C are copies of x, the others are interpolated from one level map.
+  const bool stream = use_streaming(out);
+  // One task per output plane (n, c'): planes c' < C are copies of x, the others are interpolated from one level map
+  // into a plane-sized scratch (cache-resident) and then stored in one sweep.
   at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
+    std::vector<scalar_t> plane_buf(HW);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / CO, c = plane % CO;
       scalar_t* dst = op + plane * HW;
       if (c < C) {
-        std::memcpy(dst, xp + (n * C + c) * HW, HW * sizeof(scalar_t));
+        store_block(dst, xp + (n * C + c) * HW, HW, stream);
         continue;
       }
       const int64_t l = (c - C) / R, r = (c - C) % R, b = bins[l];
@@ -314,11 +517,13 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
         const acc_t* r0 = rows.data() + hh.i0[h] * W;
         const acc_t* r1 = rows.data() + hh.i1[h] * W;
         const acc_t a = hh.l0[h], bb = hh.l1[h];
-        scalar_t* d = dst + h * W;
+        scalar_t* d = plane_buf.data() + h * W;
 #pragma omp simd
         for (int64_t w = 0; w < W; ++w) d[w] = static_cast<scalar_t>(a * r0[w] + bb * r1[w]);
       }
+      store_block(dst, plane_buf.data(), HW, stream);
     }
+    store_fence(stream);
   });
 }
 
@@ -342,14 +547,15 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const acc_t* yp = yt.const_data_ptr<acc_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  // One task per output row (n, h): for each pixel, copy x's C channels, then interpolate every level's R channels.
+  const bool stream = use_streaming(out);
+  // One task per output row (n, h): each pixel's C + L*R channels are assembled in a cache-resident scratch (x's C
+  // channels, then every level's R interpolated channels) and stored in one sweep.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmp0(R), tmp1(R);
+    std::vector<scalar_t> pix(CO);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, h = row % H;
       for (int64_t w = 0; w < W; ++w) {
-        scalar_t* dst = op + ((n * H + h) * W + w) * CO;
-        std::memcpy(dst, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
+        std::memcpy(pix.data(), xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
         for (int64_t l = 0; l < L; ++l) {
           const int64_t b = bins[l];
           const acc_t* base = yp + (n * S + offs[l]) * R;
@@ -358,14 +564,16 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
           const acc_t* v10 = base + (th[l].i1[h] * b + tw[l].i0[w]) * R;
           const acc_t* v11 = base + (th[l].i1[h] * b + tw[l].i1[w]) * R;
           const acc_t lh0 = th[l].l0[h], lh1 = th[l].l1[h], lw0 = tw[l].l0[w], lw1 = tw[l].l1[w];
-          scalar_t* d = dst + C + l * R;
+          scalar_t* d = pix.data() + C + l * R;
 #pragma omp simd
           for (int64_t r = 0; r < R; ++r) {
             d[r] = static_cast<scalar_t>(lh0 * (lw0 * v00[r] + lw1 * v01[r]) + lh1 * (lw0 * v10[r] + lw1 * v11[r]));
           }
         }
+        store_block(op + ((n * H + h) * W + w) * CO, pix.data(), CO, stream);
       }
     }
+    store_fence(stream);
   });
 }
 
@@ -382,8 +590,9 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
   const Tensor levels = levels_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t CO = C + static_cast<int64_t>(bins.size()) * levels.size(1);
-  Tensor out = at::empty({N, CO, H, W}, x.options(),
-                         cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const std::vector<int64_t> out_strides =
+      cl ? std::vector<int64_t>{CO * H * W, 1, W * CO, CO} : std::vector<int64_t>{CO * H * W, H * W, W, 1};
+  Tensor out = OutputCache::get().empty({N, CO, H, W}, out_strides, x.options());
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_concat_cpu", [&] {
     using scalar_x = scalar_t;
