@@ -7,6 +7,12 @@
 //                                                             -> levels (N, R, S), pooled's dtype
 //   upsample_concat(x (N, C, H, W), levels (N, R, S), bins, align_corners)
 //                                                             -> out (N, C + L*R, H, W), x's dtype and memory format
+// Their adjoints, deterministic (every output element is reduced by the one program that owns it, no atomics):
+//   upsample_concat_backward(grad_out (N, C + L*R, H, W), C, bins, align_corners)
+//                                                             -> grad_levels (N, R, S), float32 (float64)
+//   pyramid_pool_backward(grad_pooled (N, C, S), grad_out (N, C', H, W) with C' >= C, bins)
+//                                                             -> grad_x = grad_out[:, :C] + pool^T(grad_pooled),
+//                                                                (N, C, H, W) in grad_out's dtype and memory format
 #include <Python.h>
 #include <torch/library.h>
 
@@ -35,6 +41,8 @@ TORCH_LIBRARY(pspnet_fast, m) {
   m.def("pyramid_pool(Tensor x, int[] bins) -> Tensor");
   m.def("ppm_reduce(Tensor pooled, Tensor weight, Tensor? scale, Tensor? shift, int[] bins, bool relu) -> Tensor");
   m.def("upsample_concat(Tensor x, Tensor levels, int[] bins, bool align_corners) -> Tensor");
+  m.def("upsample_concat_backward(Tensor grad_out, int in_channels, int[] bins, bool align_corners) -> Tensor");
+  m.def("pyramid_pool_backward(Tensor grad_pooled, Tensor grad_out, int[] bins) -> Tensor");
   // Which backends this binary holds: "cpu" always, "cuda:<archs>" when the CUDA sources were compiled in.
   m.def("build_info() -> str[]", &build_info);
 }

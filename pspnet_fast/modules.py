@@ -91,28 +91,69 @@ class PyramidPooling(_RefPyramidPooling):
             self.__dict__["_reduce_cache"] = (key, (weight, folded))
         return weight, folded
 
+    def _levels(self, kernels: ops.OpSet, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (N, C, S) -> levels (N, R, S) after the 1x1 convs, BatchNorm and ReLU, in pooled's dtype."""
+        weight, folded = self._reduce_params(pooled.dtype)
+        if folded is not None:
+            return kernels.ppm_reduce(pooled, weight, folded[0], folded[1], self.bins, True)
+        # Training (or BatchNorm without running statistics): the module's own BatchNorm and ReLU on the small
+        # (N, R, b, b) maps, so batch statistics and running-stat updates are exactly the reference's (SyncBatchNorm
+        # after convert_sync_batchnorm included).
+        y = kernels.ppm_reduce(pooled, weight, None, None, self.bins, False)
+        parts, off, R = [], 0, self.reduction_channels
+        for b, f in zip(self.bins, self.features):
+            yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b)
+            parts.append(f[3](f[2](yl)).flatten(2))
+            off += b * b
+        return torch.cat(parts, 2).to(pooled.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
-        weight0 = self.features[0][1].weight
-        check_same_device(x, weight0)
+        check_same_device(x, self.features[0][1].weight)
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
             return super().forward(x)
         ops.ensure_registered(backend)
         kernels = ops.op_set(backend)
-
+        params = [p for p in self.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
+            return _FusedPPMFunction.apply(x, self, kernels, *params)
+        # Inference, and traced graphs (torch.compile differentiates the ops' registered autograd formulas).
         pooled = kernels.pyramid_pool(x, self.bins)  # (N, C, S), float32 (float64 for float64 x)
-        weight, folded = self._reduce_params(pooled.dtype)
-        if folded is not None:
-            levels = kernels.ppm_reduce(pooled, weight, folded[0], folded[1], self.bins, True)  # (N, R, S)
-        else:
-            # Training (or BatchNorm without running statistics): the module's own BatchNorm and ReLU on the small
-            # (N, R, b, b) maps, so batch statistics and running-stat updates are exactly the reference's.
-            y = kernels.ppm_reduce(pooled, weight, None, None, self.bins, False)
-            parts, off, R = [], 0, self.reduction_channels
-            for b, f in zip(self.bins, self.features):
-                yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b)
-                parts.append(f[3](f[2](yl)).flatten(2))
-                off += b * b
-            levels = torch.cat(parts, 2).to(pooled.dtype)
-        return kernels.upsample_concat(x, levels, self.bins, self.align_corners)
+        return kernels.upsample_concat(x, self._levels(kernels, pooled), self.bins, self.align_corners)
+
+
+class _FusedPPMFunction(torch.autograd.Function):
+    """The whole fused PPM as one autograd node: forward pool -> levels -> upsample_concat, backward
+    upsample_concat_backward (one pass over the level channels of grad_out) -> the small levels graph (1x1 convs,
+    BatchNorm, ReLU) by autograd -> pyramid_pool_backward (one pass writing grad_x = grad_out[:, :C] + the spread of
+    the pooled gradient). Nothing full-resolution is saved: pooling and upsampling are linear, their adjoints need only
+    the small pooled tensors. Deterministic: every backward kernel reduces each value in one program, no atomics."""
+
+    @staticmethod
+    def forward(ctx, x, module, kernels, *params):
+        pooled = kernels.pyramid_pool(x, module.bins)
+        with torch.enable_grad():
+            p = pooled.detach().requires_grad_(x.requires_grad)
+            levels = module._levels(kernels, p)
+        ctx.module, ctx.kernels, ctx.pooled, ctx.levels = module, kernels, p, levels
+        ctx.x_requires_grad = x.requires_grad
+        ctx.params = params
+        return kernels.upsample_concat(x, levels.detach(), module.bins, module.align_corners)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        m, kernels, params = ctx.module, ctx.kernels, list(ctx.params)
+        grad_levels = kernels.upsample_concat_backward(grad_out, m.in_channels, m.bins, m.align_corners)
+        inputs = ([ctx.pooled] if ctx.x_requires_grad else []) + params
+        # retain_graph: the small levels graph (pooled maps, BatchNorm statistics) lives as long as this node, so a
+        # retained outer graph can run backward again.
+        grads = torch.autograd.grad(ctx.levels, inputs, grad_levels.to(ctx.levels.dtype), allow_unused=True,
+                                    retain_graph=True) if inputs and ctx.levels.requires_grad else [None] * len(inputs)
+        grad_x = None
+        if ctx.x_requires_grad:
+            grad_pooled = grads[0] if grads[0] is not None else torch.zeros_like(ctx.pooled)
+            grad_x = kernels.pyramid_pool_backward(grad_pooled, grad_out, m.bins)
+            grads = grads[1:]
+        return (grad_x, None, None, *grads)

@@ -132,24 +132,32 @@ class OpSet:
     pyramid_pool: Callable
     ppm_reduce: Callable
     upsample_concat: Callable
+    upsample_concat_backward: Callable
+    pyramid_pool_backward: Callable
+
+
+_OP_NAMES = ("pyramid_pool", "ppm_reduce", "upsample_concat", "upsample_concat_backward", "pyramid_pool_backward")
+
+
+def _op_set(prefix: str) -> OpSet:
+    ns = torch.ops.pspnet_fast
+    return OpSet(*(getattr(ns, prefix + name) for name in _OP_NAMES))
 
 
 def op_set(backend: str) -> OpSet:
-    """The three ops of a compiled backend ("cpu" and "cuda" share the dispatcher ops; "triton" has its own)."""
+    """The ops of a compiled backend ("cpu" and "cuda" share the dispatcher ops; "triton" has its own)."""
     if backend in ("cpu", "cuda"):
-        ns = torch.ops.pspnet_fast
-        return OpSet(ns.pyramid_pool, ns.ppm_reduce, ns.upsample_concat)
+        return _op_set("")
     if backend == "triton":
         mod, why = _triton_module()
         if mod is None:
             raise RuntimeError(why)
-        ns = torch.ops.pspnet_fast
-        return OpSet(ns.triton_pyramid_pool, ns.triton_ppm_reduce, ns.triton_upsample_concat)
+        return _op_set("triton_")
     raise ValueError(f"backend {backend!r} has no fused ops")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shapes and the linear maps behind pooling and upsampling (used by the fake kernels and the backward).
+# Shapes (used by the fake kernels).
 # ----------------------------------------------------------------------------------------------------------------
 def _offsets(bins: Sequence[int]) -> list[int]:
     offs, o = [], 0
@@ -161,44 +169,6 @@ def _offsets(bins: Sequence[int]) -> list[int]:
 
 def total_bins(bins: Sequence[int]) -> int:
     return sum(b * b for b in bins)
-
-
-def pool_matrix(b: int, n: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """(b, n): row i averages input indices [floor(i*n/b), ceil((i+1)*n/b)), PEERS.md section 1.
-
-    Adaptive average pooling of a map is M_h @ X @ M_w^T; its adjoint spreads a bin's gradient over its window."""
-    m = torch.zeros(b, n, dtype=dtype, device=device)
-    for i in range(b):
-        s, e = (i * n) // b, ((i + 1) * n + b - 1) // b
-        m[i, s:e] = 1.0 / (e - s)
-    return m
-
-
-def interp_matrix(b: int, n: int, align_corners: bool, dtype=torch.float64, device=None) -> torch.Tensor:
-    """(n, b): bilinear resampling of b samples to n samples along one dimension, ATen's index and weight rules.
-
-    Bilinear upsampling of a map is A_h @ P @ A_w^T; the adjoint is A_h^T @ G @ A_w."""
-    m = torch.zeros(n, b, dtype=dtype, device=device)
-    if b == n:
-        return torch.eye(n, dtype=dtype, device=device)
-    if align_corners:
-        scale = (b - 1) / (n - 1) if n > 1 else 0.0
-    else:
-        scale = b / n
-    # float32 scale and source index, as ATen computes them for float32 maps.
-    scale32 = torch.tensor(scale, dtype=torch.float32)
-    for d in range(n):
-        if align_corners:
-            src = float(scale32 * d)
-        else:
-            src = float(scale32 * (d + 0.5) - 0.5)
-            src = max(src, 0.0)
-        i0 = min(int(src // 1), b - 1)
-        l1 = min(max(src - i0, 0.0), 1.0)
-        i1 = i0 + (1 if i0 < b - 1 else 0)
-        m[d, i0] += 1.0 - l1
-        m[d, i1] += l1
-    return m
 
 
 def _pooled_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -227,25 +197,33 @@ def _fake_upsample_concat(x, levels, bins, align_corners):
     return x.new_empty((n, c + len(bins) * levels.shape[1], h, w)).contiguous(memory_format=_out_memory_format(x))
 
 
-def _pool_backward(ctx, grad):
-    """grad (N, C, S) -> grad_x (N, C, H, W) = sum over levels of M_h^T G_l M_w (deterministic: dense products)."""
-    h, w = ctx.hw
-    gx = None
-    for b, off in zip(ctx.bins, _offsets(ctx.bins)):
-        g = grad[:, :, off:off + b * b].reshape(grad.shape[0], grad.shape[1], b, b)
-        mh = pool_matrix(b, h, grad.dtype, grad.device)
-        mw = pool_matrix(b, w, grad.dtype, grad.device)
-        t = torch.matmul(torch.matmul(mh.t(), g), mw)
-        gx = t if gx is None else gx + t
-    return gx.to(ctx.x_dtype).contiguous(memory_format=ctx.x_format), None
+def _fake_upsample_concat_backward(grad_out, in_channels, bins, align_corners):
+    n, co = grad_out.shape[:2]
+    return grad_out.new_empty((n, (co - in_channels) // len(bins), total_bins(bins)),
+                              dtype=_pooled_dtype(grad_out.dtype))
+
+
+def _fake_pyramid_pool_backward(grad_pooled, grad_out, bins):
+    n, c = grad_pooled.shape[:2]
+    h, w = grad_out.shape[2:]
+    return grad_out.new_empty((n, c, h, w)).contiguous(memory_format=_out_memory_format(grad_out))
 
 
 def _pool_setup(ctx, inputs, output):
     x, bins = inputs
     ctx.bins = tuple(bins)
-    ctx.hw = (x.shape[2], x.shape[3])
+    ctx.x_shape = tuple(x.shape)
     ctx.x_dtype = x.dtype
     ctx.x_format = _out_memory_format(x)
+
+
+def _pool_backward_for(prefix: str):
+    def backward(ctx, grad):
+        # The op alone has no grad_out to add: a zero (expanded, nothing allocated) stands in for it.
+        zero = grad.new_zeros((), dtype=ctx.x_dtype).expand(ctx.x_shape)
+        gx = getattr(torch.ops.pspnet_fast, prefix + "pyramid_pool_backward")(grad, zero, ctx.bins)
+        return gx.contiguous(memory_format=ctx.x_format), None
+    return backward
 
 
 def _reduce_setup(ctx, inputs, output):
@@ -292,18 +270,14 @@ def _upsample_setup(ctx, inputs, output):
     ctx.r = levels.shape[1]
 
 
-def _upsample_backward(ctx, grad):
-    """grad (N, C + L*R, H, W) -> grad_x = grad[:, :C]; grad_levels[l] = A_h^T G_l A_w (dense, deterministic)."""
-    c, r = ctx.c, ctx.r
-    h, w = grad.shape[2], grad.shape[3]
-    gx = grad[:, :c].to(ctx.x_dtype).contiguous(memory_format=ctx.x_format)
-    parts = []
-    for l, b in enumerate(ctx.bins):
-        g = grad[:, c + l * r:c + (l + 1) * r].to(ctx.levels_dtype)
-        ah = interp_matrix(b, h, ctx.align_corners, ctx.levels_dtype, grad.device)
-        aw = interp_matrix(b, w, ctx.align_corners, ctx.levels_dtype, grad.device)
-        parts.append(torch.matmul(torch.matmul(ah.t(), g), aw).flatten(2))
-    return gx, torch.cat(parts, 2), None, None
+def _upsample_backward_for(prefix: str):
+    def backward(ctx, grad):
+        """grad_x = grad_out[:, :C] (a view); grad_levels by the upsample_concat_backward op."""
+        gx = grad[:, :ctx.c].to(ctx.x_dtype)
+        gl = getattr(torch.ops.pspnet_fast, prefix + "upsample_concat_backward")(grad, ctx.c, ctx.bins,
+                                                                                 ctx.align_corners)
+        return gx, gl.to(ctx.levels_dtype), None, None
+    return backward
 
 
 def _register(prefix: str, with_fake: bool) -> None:
@@ -312,9 +286,12 @@ def _register(prefix: str, with_fake: bool) -> None:
         torch.library.register_fake(ns + "pyramid_pool")(_fake_pyramid_pool)
         torch.library.register_fake(ns + "ppm_reduce")(_fake_ppm_reduce)
         torch.library.register_fake(ns + "upsample_concat")(_fake_upsample_concat)
-    torch.library.register_autograd(ns + "pyramid_pool", _pool_backward, setup_context=_pool_setup)
+        torch.library.register_fake(ns + "upsample_concat_backward")(_fake_upsample_concat_backward)
+        torch.library.register_fake(ns + "pyramid_pool_backward")(_fake_pyramid_pool_backward)
+    torch.library.register_autograd(ns + "pyramid_pool", _pool_backward_for(prefix), setup_context=_pool_setup)
     torch.library.register_autograd(ns + "ppm_reduce", _reduce_backward, setup_context=_reduce_setup)
-    torch.library.register_autograd(ns + "upsample_concat", _upsample_backward, setup_context=_upsample_setup)
+    torch.library.register_autograd(ns + "upsample_concat", _upsample_backward_for(prefix),
+                                    setup_context=_upsample_setup)
 
 
 _registered: set[str] = set()

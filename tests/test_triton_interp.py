@@ -356,3 +356,160 @@ def test_module_on_triton_backend(train, layout):
         assert (pr.grad - pf.grad).abs().max().item() <= 1e-4 * pr.grad.abs().max().item() + 1e-6, k
     for (k, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward ops: upsample_concat_backward (adjoint of the level part) and pyramid_pool_backward (grad_out[:, :C] +
+# adjoint of the pooling), against torch.autograd of F.interpolate / F.adaptive_avg_pool2d in float64
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ref_upsample_backward(grad_out, in_channels, bins, align_corners):
+    """(N, R, S) float64: per level, autograd of F.interpolate(bilinear) applied to its channels of grad_out."""
+    N, CT, H, W = grad_out.shape
+    C, L = in_channels, len(bins)
+    R = (CT - C) // L
+    parts = []
+    for l, b in enumerate(bins):
+        m = torch.zeros(N, R, b, b, dtype=torch.float64, requires_grad=True)
+        y = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=align_corners)
+        g = grad_out[:, C + l * R:C + (l + 1) * R].double()
+        parts.append(torch.autograd.grad(y, m, g)[0].flatten(2) if N > 0 else m.detach().flatten(2))
+    return torch.cat(parts, 2)
+
+
+def ref_pool_backward(grad_pooled, grad_out, bins):
+    """(N, C, H, W) float64: grad_out[:, :C] + per level, autograd of F.adaptive_avg_pool2d."""
+    N, C, _ = grad_pooled.shape
+    H, W = grad_out.shape[2:]
+    ref = grad_out[:, :C].double().clone()
+    if N == 0:
+        return ref
+    for b, o in zip(bins, _offsets(bins)):
+        x = torch.zeros(N, C, H, W, dtype=torch.float64, requires_grad=True)
+        g = grad_pooled[:, :, o:o + b * b].double().reshape(N, C, b, b)
+        ref += torch.autograd.grad(F.adaptive_avg_pool2d(x, b), x, g)[0]
+    return ref
+
+
+def check_backward_ops(N, C, R, H, W, bins, align_corners, dtype=torch.float32, memory_format=None, seed=20):
+    """Both backward ops on random gradients; returns (grad_levels, grad_x)."""
+    gen = torch.Generator().manual_seed(seed)
+    L, S = len(bins), sum(b * b for b in bins)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_out = torch.randn(N, C + L * R, H, W, dtype=acc, generator=gen).to(dtype)
+    grad_pooled = torch.randn(N, C, S, dtype=acc, generator=gen)
+    if memory_format is not None:
+        grad_out = grad_out.contiguous(memory_format=memory_format)
+
+    grad_levels = ppm.upsample_concat_backward(grad_out, C, bins, align_corners)
+    assert grad_levels.is_contiguous()
+    assert_close(grad_levels, ref_upsample_backward(grad_out, C, bins, align_corners).to(acc), acc)
+
+    grad_x = ppm.pyramid_pool_backward(grad_pooled, grad_out, bins)
+    assert grad_x.dtype == dtype and grad_x.shape == (N, C, H, W)
+    ref = ref_pool_backward(grad_pooled, grad_out, bins)
+    if dtype in (torch.float16, torch.bfloat16):
+        # float32 accumulation, one rounding to dtype at the end: half an ulp (2^-8 relative for bfloat16), but the
+        # interpreter truncates float32 -> bfloat16 (GPUs round to nearest), so one ulp there.
+        eps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -11
+        err = (grad_x.double() - ref).abs().max().item()
+        assert err <= 1.01 * eps * ref.abs().max().item(), err
+    else:
+        assert_close(grad_x, ref.to(acc), acc)
+    return grad_levels, grad_x
+
+
+# (N, C, R, H, W), bins, align_corners: H, W below / not divisible by the bin counts, 1x1 maps, non-square, batch 0,
+# b == H (identity tap), several channel / row / column blocks.
+BWD_CASES = [
+    ((2, 3, 2, 5, 7), (1, 2, 3, 6), True),
+    ((1, 2, 2, 1, 1), (1, 2, 3, 6), False),
+    ((1, 2, 2, 2, 5), (1, 2, 3, 6), True),
+    ((1, 2, 2, 7, 2), (1, 2, 3, 6), False),
+    ((2, 2, 3, 7, 7), (2,), False),
+    ((1, 2, 2, 5, 2), (6,), True),
+    ((1, 1, 2, 1, 7), (6,), False),
+    ((1, 2, 1, 2, 1), (2,), True),
+    ((1, 2, 2, 6, 6), (1, 2, 3, 6), False),
+    ((0, 2, 2, 5, 5), (1, 2, 3, 6), True),
+    ((1, 18, 17, 17, 3), (1, 2), False),
+    ((1, 2, 2, 2, 37), (1, 2, 3, 6), True),
+]
+
+
+@pytest.mark.parametrize("shape,bins,align_corners", BWD_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_backward_float32(shape, bins, align_corners):
+    check_backward_ops(*shape, bins, align_corners)
+
+
+@pytest.mark.parametrize("shape,bins,align_corners", [
+    ((2, 3, 2, 5, 7), (1, 2, 3, 6), False),
+    ((1, 2, 2, 2, 1), (1, 2, 3, 6), True),
+], ids=lambda v: str(v).replace(" ", ""))
+def test_backward_float64(shape, bins, align_corners):
+    check_backward_ops(*shape, bins, align_corners, dtype=torch.float64)
+
+
+def test_backward_bfloat16():
+    check_backward_ops(2, 3, 2, 5, 7, (1, 2, 3, 6), True, dtype=torch.bfloat16)
+
+
+def test_backward_channels_last_and_deterministic():
+    bins = (1, 2, 3, 6)
+    grad_levels, grad_x = check_backward_ops(2, 3, 2, 5, 7, bins, False, memory_format=torch.channels_last)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
+    gen = torch.Generator().manual_seed(20)
+    grad_out = torch.randn(2, 3 + 4 * 2, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad_pooled = torch.randn(2, 3, 50, generator=gen)
+    assert torch.equal(ppm.upsample_concat_backward(grad_out, 3, bins, False), grad_levels)
+    assert torch.equal(ppm.pyramid_pool_backward(grad_pooled, grad_out, bins), grad_x)
+
+
+def test_backward_pool_divides_twice():
+    # One level, one bin: grad_x = grad_out + grad_pooled / kh / kw, two float32 divisions as the forward's mean.
+    gen = torch.Generator().manual_seed(23)
+    grad_out = torch.randn(1, 6, 5, 7, generator=gen)
+    grad_pooled = torch.randn(1, 6, 1, generator=gen) * 3
+    grad_x = ppm.pyramid_pool_backward(grad_pooled, grad_out, (1,))
+    assert torch.equal(grad_x, grad_out + (grad_pooled[..., None] / 5) / 7)
+
+
+def test_backward_non_contiguous_views():
+    gen = torch.Generator().manual_seed(21)
+    bins = (1, 2, 3)
+    grad_out = torch.randn(2, 7, 9, 20, generator=gen).permute(0, 3, 1, 2)[:, ::2, 1:, ::2]  # (2, 10, 6, 5)
+    assert not grad_out.is_contiguous() and not grad_out.is_contiguous(memory_format=torch.channels_last)
+    grad_levels = ppm.upsample_concat_backward(grad_out, 4, bins, True)
+    assert_close(grad_levels, ref_upsample_backward(grad_out, 4, bins, True).float(), torch.float32)
+    grad_pooled = torch.randn(2, 14, 4, generator=gen).transpose(1, 2)  # (N, C=4, S) view
+    grad_x = ppm.pyramid_pool_backward(grad_pooled, grad_out, bins)
+    assert grad_x.is_contiguous()
+    assert_close(grad_x, ref_pool_backward(grad_pooled, grad_out, bins).float(), torch.float32)
+
+
+def test_backward_nan_reaches_only_its_taps_and_windows():
+    gen = torch.Generator().manual_seed(22)
+    bins = (1, 2, 3)
+    grad_out = torch.randn(1, 2 + 3, 5, 7, generator=gen)
+    grad_out[0, 3, 4, 1] = float("nan")  # level 1 (b = 2), H, W != b: PyTorch's taps and ours agree
+    grad_levels = ppm.upsample_concat_backward(grad_out, 2, bins, False)
+    assert torch.isnan(grad_levels).any() and not torch.isnan(grad_levels).all()
+    assert_close(grad_levels, ref_upsample_backward(grad_out, 2, bins, False).float(), torch.float32)
+    grad_pooled = torch.randn(1, 2, 14, generator=gen)
+    grad_pooled[0, 1, 1 + 4 + 5] = float("nan")  # level 2, bin (1, 2)
+    grad_x = ppm.pyramid_pool_backward(grad_pooled, grad_out, bins)
+    assert torch.isnan(grad_x).any() and not torch.isnan(grad_x[0, 1]).all()
+    assert_close(grad_x, ref_pool_backward(grad_pooled, grad_out, bins).float(), torch.float32)
+
+
+def test_backward_argument_checks():
+    g = torch.randn(1, 7, 3, 3)
+    with pytest.raises(ValueError, match="not in_channels"):
+        ppm.upsample_concat_backward(g, 2, (1, 2), True)  # 5 channels for 2 levels
+    with pytest.raises(ValueError, match="not in_channels"):
+        ppm.upsample_concat_backward(g, 7, (1, 2), True)  # R = 0
+    with pytest.raises(ValueError, match="grad_pooled must be"):
+        ppm.pyramid_pool_backward(torch.randn(1, 8, 5), g, (1, 2))  # C > C'
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ppm.pyramid_pool_backward(torch.randn(1, 2, 5).half(), g, (1, 2))

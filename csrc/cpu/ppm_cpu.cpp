@@ -375,6 +375,13 @@ inline bool use_streaming(const at::Tensor& out) {
 #endif
 }
 
+// a @ b in their own dtype. mm_out, not mm: under torch.autocast the functional mm would run in the autocast dtype.
+Tensor mm_no_autocast(const Tensor& a, const Tensor& b) {
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  at::mm_out(out, a, b);
+  return out;
+}
+
 // All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
 // platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
 Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
@@ -421,10 +428,10 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
         small_gemm_rows_avx2(w, plt.const_data_ptr<float>(), y, r0, r1, C, N * s);
       });
     } else {
-      yl = at::mm(wt.select(0, l), pl);
+      yl = mm_no_autocast(wt.select(0, l), pl);
     }
 #else
-    yl = at::mm(wt.select(0, l), pl);
+    yl = mm_no_autocast(wt.select(0, l), pl);
 #endif
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
       const scalar_t* y = yl.const_data_ptr<scalar_t>();
@@ -607,12 +614,260 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: the adjoints of upsample_concat (levels part) and pyramid_pool. Each output value is reduced by the one
+// task that owns it, in a fixed order: deterministic, no atomics.
+// ---------------------------------------------------------------------------------------------------------------
+
+// grad_levels[n, r, bin(i, j)] = sum_{h, w} Ah[h, i] Aw[w, j] g[h, w] for one (H x W) plane g, separably:
+// T (H x b) = g Aw, then G (b x b) = Ah^T T, both in ascending h and w.
+template <typename scalar_t, typename acc_t>
+void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, const Taps<acc_t>& hh,
+                            const Taps<acc_t>& ww, std::vector<acc_t>& t, acc_t* out) {
+  t.assign(H * b, acc_t(0));
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* row = g + h * W;
+    acc_t* th = t.data() + h * b;
+    for (int64_t w = 0; w < W; ++w) {
+      const acc_t v = static_cast<acc_t>(row[w]);
+      th[ww.i0[w]] += ww.l0[w] * v;
+      th[ww.i1[w]] += ww.l1[w] * v;
+    }
+  }
+  for (int64_t k = 0; k < b * b; ++k) out[k] = 0;
+  for (int64_t h = 0; h < H; ++h) {
+    const acc_t* th = t.data() + h * b;
+    acc_t* o0 = out + hh.i0[h] * b;
+    acc_t* o1 = out + hh.i1[h] * b;
+    for (int64_t j = 0; j < b; ++j) o0[j] += hh.l0[h] * th[j];
+    for (int64_t j = 0; j < b; ++j) o1[j] += hh.l1[h] * th[j];
+  }
+}
+
+Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArrayRef bins, bool align_corners) {
+  check_x(grad_in);
+  check_bins(bins);
+  const int64_t L = bins.size(), CO = grad_in.size(1);
+  TORCH_CHECK(C > 0 && CO > C && (CO - C) % L == 0,
+              "pspnet_fast: expected grad_out with in_channels + len(bins) * R channels (in_channels ", C, ", ", L,
+              " levels), got ", CO);
+  const int64_t N = grad_in.size(0), H = grad_in.size(2), W = grad_in.size(3), R = (CO - C) / L;
+  const int64_t S = total_bins(bins);
+  const bool cl = is_channels_last(grad_in);
+  const Tensor g = cl ? grad_in : grad_in.contiguous();
+  const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({N, R, S}, g.options().dtype(acc_type));
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<Taps<acc_t>> th, tw;
+    std::vector<int64_t> offs;
+    int64_t off = 0;
+    for (int64_t b : bins) {
+      th.push_back(make_taps<acc_t>(b, H, align_corners));
+      tw.push_back(make_taps<acc_t>(b, W, align_corners));
+      offs.push_back(off);
+      off += b * b;
+    }
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    if (!cl) {
+      // One task per level plane (n, l, r): the plane is read once.
+      at::parallel_for(0, N * L * R, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> t;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t n = task / (L * R), l = (task / R) % L, r = task % R;
+          const scalar_t* plane = gp + (n * CO + C + l * R + r) * H * W;
+          upsample_adjoint_plane<scalar_t, acc_t>(plane, H, W, bins[l], th[l], tw[l], t, op + (n * R + r) * S + offs[l]);
+        }
+      });
+      return;
+    }
+    // channels_last: one task per (n, level, block of channels); every pixel's RB channels are contiguous and are
+    // accumulated as vectors into the (up to 4) bins its taps reach.
+    const int64_t RB = std::min<int64_t>(R, 64), nrb = (R + RB - 1) / RB;
+    at::parallel_for(0, N * L * nrb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc, trow;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / (L * nrb), l = (task / nrb) % L, r0 = (task % nrb) * RB, rb = std::min(RB, R - r0);
+        const int64_t b = bins[l];
+        acc.assign(b * b * RB, acc_t(0));
+        trow.assign(b * RB, acc_t(0));
+        for (int64_t h = 0; h < H; ++h) {
+          std::fill(trow.begin(), trow.end(), acc_t(0));
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* px = gp + ((n * H + h) * W + w) * CO + C + l * R + r0;
+            acc_t* t0 = trow.data() + tw[l].i0[w] * RB;
+            acc_t* t1 = trow.data() + tw[l].i1[w] * RB;
+            const acc_t a = tw[l].l0[w], bb = tw[l].l1[w];
+            for (int64_t r = 0; r < rb; ++r) t0[r] += a * static_cast<acc_t>(px[r]);
+            for (int64_t r = 0; r < rb; ++r) t1[r] += bb * static_cast<acc_t>(px[r]);
+          }
+          acc_t* a0 = acc.data() + th[l].i0[h] * b * RB;
+          acc_t* a1 = acc.data() + th[l].i1[h] * b * RB;
+          const acc_t a = th[l].l0[h], bb = th[l].l1[h];
+          for (int64_t k = 0; k < b * RB; ++k) a0[k] += a * trow[k];
+          for (int64_t k = 0; k < b * RB; ++k) a1[k] += bb * trow[k];
+        }
+        for (int64_t r = 0; r < rb; ++r) {
+          acc_t* o = op + (n * R + r0 + r) * S + offs[l];
+          for (int64_t k = 0; k < b * b; ++k) o[k] = acc[k * RB + r];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// For one extent n and one level b: the bins containing each index (a contiguous run [first, last]) and each
+// bin's size.
+struct BinRuns {
+  std::vector<int64_t> first, last;  // per index
+  std::vector<int64_t> count;
+};
+
+BinRuns make_bin_runs(int64_t b, int64_t n) {
+  BinRuns br;
+  br.first.assign(n, b);
+  br.last.assign(n, -1);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t s = pool_start(i, b, n), e = pool_end(i, b, n);
+    br.count.push_back(e - s);
+    for (int64_t k = s; k < e; ++k) {
+      br.first[k] = std::min(br.first[k], i);
+      br.last[k] = std::max(br.last[k], i);
+    }
+  }
+  return br;
+}
+
+// grad_x = grad_out[:, :C] + sum_l pool_l^T grad_pooled_l, gathered per output element.
+Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& grad_in, at::IntArrayRef bins) {
+  check_x(grad_in);
+  check_bins(bins);
+  TORCH_CHECK(grad_pooled_in.dim() == 3 && grad_pooled_in.size(0) == grad_in.size(0) &&
+                  grad_pooled_in.size(1) <= grad_in.size(1) && grad_pooled_in.size(2) == total_bins(bins),
+              "pspnet_fast: expected grad_pooled of shape (", grad_in.size(0), ", C <= ", grad_in.size(1), ", ",
+              total_bins(bins), "), got ", grad_pooled_in.sizes());
+  TORCH_CHECK(grad_pooled_in.scalar_type() == at::kFloat || grad_pooled_in.scalar_type() == at::kDouble,
+              "pspnet_fast: expected float32 or float64 grad_pooled, got ", grad_pooled_in.scalar_type());
+  const bool cl = is_channels_last(grad_in);
+  const Tensor g = cl ? grad_in : grad_in.contiguous();
+  const int64_t N = g.size(0), CO = g.size(1), H = g.size(2), W = g.size(3), C = grad_pooled_in.size(1);
+  const int64_t S = grad_pooled_in.size(2), L = bins.size();
+  Tensor out = at::empty({N, C, H, W}, g.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (N == 0) return out;
+  std::vector<BinRuns> rh, rw;
+  std::vector<int64_t> offs;
+  int64_t off = 0;
+  for (int64_t b : bins) {
+    rh.push_back(make_bin_runs(b, H));
+    rw.push_back(make_bin_runs(b, W));
+    offs.push_back(off);
+    off += b * b;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pyramid_pool_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor gp = grad_pooled_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* gpp = gp.const_data_ptr<acc_t>();
+    const scalar_t* gop = g.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    if (!cl) {
+      // One task per (n, c) plane: E_l (b x W) spreads each bin's gradient / kh / kw over its columns, then each row
+      // adds the E_l rows of the bins containing it (vectorized over w).
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> e, sg(S), rowacc(W);
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / C, c = plane % C;
+          const acc_t* gl = gpp + plane * S;
+          const scalar_t* src = gop + (n * CO + c) * H * W;
+          scalar_t* dst = op + plane * H * W;
+          // Each bin's gradient / kh / kw (as the forward divides its sum), then E for every level, (sum b) x W.
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t b = bins[l];
+            for (int64_t k = 0; k < b * b; ++k) {
+              sg[offs[l] + k] = gl[offs[l] + k] / static_cast<acc_t>(rh[l].count[k / b]) /
+                                static_cast<acc_t>(rw[l].count[k % b]);
+            }
+          }
+          e.clear();
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t b = bins[l];
+            for (int64_t i = 0; i < b; ++i) {
+              const acc_t* srow = sg.data() + offs[l] + i * b;
+              for (int64_t w = 0; w < W; ++w) {
+                acc_t v = 0;
+                for (int64_t j = rw[l].first[w]; j <= rw[l].last[w]; ++j) v += srow[j];
+                e.push_back(v);
+              }
+            }
+          }
+          for (int64_t h = 0; h < H; ++h) {
+            const scalar_t* s_row = src + h * W;
+            for (int64_t w = 0; w < W; ++w) rowacc[w] = static_cast<acc_t>(s_row[w]);
+            int64_t base = 0;
+            for (int64_t l = 0; l < L; ++l) {
+              for (int64_t i = rh[l].first[h]; i <= rh[l].last[h]; ++i) {
+                const acc_t* er = e.data() + (base + i) * W;
+                for (int64_t w = 0; w < W; ++w) rowacc[w] += er[w];
+              }
+              base += bins[l];
+            }
+            scalar_t* d_row = dst + h * W;
+            for (int64_t w = 0; w < W; ++w) d_row[w] = static_cast<scalar_t>(rowacc[w]);
+          }
+        }
+      });
+      return;
+    }
+    // channels_last: one task per (n, h) row; the scaled bin gradients are laid out (N, S, C) so each pixel's C
+    // channels gather contiguous vectors.
+    std::vector<acc_t> scaled(static_cast<size_t>(N) * S * C);
+    at::parallel_for(0, N * S, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t ns = begin; ns < end; ++ns) {
+        const int64_t n = ns / S, p = ns % S;
+        int64_t l = 0;
+        while (l + 1 < L && offs[l + 1] <= p) ++l;
+        const int64_t b = bins[l], i = (p - offs[l]) / b, j = (p - offs[l]) % b;
+        for (int64_t c = 0; c < C; ++c) {
+          scaled[(n * S + p) * C + c] =
+              gpp[(n * C + c) * S + p] / static_cast<acc_t>(rh[l].count[i]) / static_cast<acc_t>(rw[l].count[j]);
+        }
+      }
+    });
+    at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / H, h = row % H;
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* src = gop + ((n * H + h) * W + w) * CO;
+          for (int64_t c = 0; c < C; ++c) acc[c] = static_cast<acc_t>(src[c]);
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t b = bins[l];
+            for (int64_t i = rh[l].first[h]; i <= rh[l].last[h]; ++i) {
+              for (int64_t j = rw[l].first[w]; j <= rw[l].last[w]; ++j) {
+                const acc_t* v = scaled.data() + (n * S + offs[l] + i * b + j) * C;
+                for (int64_t c = 0; c < C; ++c) acc[c] += v[c];
+              }
+            }
+          }
+          scalar_t* dst = op + ((n * H + h) * W + w) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pspnet_fast, CPU, m) {
   m.impl("pyramid_pool", &pyramid_pool_cpu);
   m.impl("ppm_reduce", &ppm_reduce_cpu);
   m.impl("upsample_concat", &upsample_concat_cpu);
+  m.impl("upsample_concat_backward", &upsample_concat_backward_cpu);
+  m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
 }
 
 }  // namespace pspnet_fast
