@@ -619,28 +619,66 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
 // task that owns it, in a fixed order: deterministic, no atomics.
 // ---------------------------------------------------------------------------------------------------------------
 
-// grad_levels[n, r, bin(i, j)] = sum_{h, w} Ah[h, i] Aw[w, j] g[h, w] for one (H x W) plane g, separably:
-// T (H x b) = g Aw, then G (b x b) = Ah^T T, both in ascending h and w.
-template <typename scalar_t, typename acc_t>
-void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, const Taps<acc_t>& hh,
-                            const Taps<acc_t>& ww, std::vector<acc_t>& t, acc_t* out) {
-  t.assign(H * b, acc_t(0));
-  for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* row = g + h * W;
-    acc_t* th = t.data() + h * b;
-    for (int64_t w = 0; w < W; ++w) {
-      const acc_t v = static_cast<acc_t>(row[w]);
-      th[ww.i0[w]] += ww.l0[w] * v;
-      th[ww.i1[w]] += ww.l1[w] * v;
+// The transpose of one extent's taps: for each bin j, the contiguous run of output indices whose taps reach j
+// (taps are monotone in the output index) and the weight of each (both taps summed when they coincide).
+template <typename acc_t>
+struct AdjointRuns {
+  std::vector<int64_t> start, len, woff;
+  std::vector<acc_t> wts;
+};
+
+template <typename acc_t>
+AdjointRuns<acc_t> make_adjoint_runs(const Taps<acc_t>& t, int64_t b) {
+  AdjointRuns<acc_t> a;
+  const int64_t n = static_cast<int64_t>(t.i0.size());
+  for (int64_t j = 0; j < b; ++j) {
+    int64_t lo = n, hi = -1;
+    for (int64_t d = 0; d < n; ++d) {
+      if (t.i0[d] == j || t.i1[d] == j) {
+        lo = std::min(lo, d);
+        hi = std::max(hi, d);
+      }
+    }
+    a.start.push_back(hi < 0 ? 0 : lo);
+    a.len.push_back(hi < 0 ? 0 : hi - lo + 1);
+    a.woff.push_back(static_cast<int64_t>(a.wts.size()));
+    for (int64_t d = lo; d <= hi; ++d) {
+      a.wts.push_back((t.i0[d] == j ? t.l0[d] : acc_t(0)) + (t.i1[d] == j ? t.l1[d] : acc_t(0)));
     }
   }
-  for (int64_t k = 0; k < b * b; ++k) out[k] = 0;
+  return a;
+}
+
+// sum_k w[k] * static_cast<acc_t>(v[k]) with 8 interleaved partial sums combined in a fixed order: vectorizable,
+// and the same rounding on every call whatever the pointers' alignment (bitwise-deterministic backward).
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_fixed(const acc_t* w, const scalar_t* v, int64_t n) {
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int q = 0; q < 8; ++q) p[q] += w[k + q] * static_cast<acc_t>(v[k + q]);
+  }
+  for (; k < n; ++k) p[k & 7] += w[k] * static_cast<acc_t>(v[k]);
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// grad_levels[n, r, bin(i, j)] = sum_{h, w} Ah[h, i] Aw[w, j] g[h, w] for one (H x W) plane g, as a gather:
+// T (H x b), T[h][j] = the run of row h that reaches column bin j, weighted; then G[i][j] = the run of rows of T that
+// reaches row bin i, weighted.
+template <typename scalar_t, typename acc_t>
+void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, const AdjointRuns<acc_t>& ah,
+                            const AdjointRuns<acc_t>& aw, std::vector<acc_t>& t, acc_t* out) {
+  t.resize(b * H);  // column-major T: t[j * H + h], so the second pass reads runs of h contiguously
   for (int64_t h = 0; h < H; ++h) {
-    const acc_t* th = t.data() + h * b;
-    acc_t* o0 = out + hh.i0[h] * b;
-    acc_t* o1 = out + hh.i1[h] * b;
-    for (int64_t j = 0; j < b; ++j) o0[j] += hh.l0[h] * th[j];
-    for (int64_t j = 0; j < b; ++j) o1[j] += hh.l1[h] * th[j];
+    const scalar_t* row = g + h * W;
+    for (int64_t j = 0; j < b; ++j) {
+      t[j * H + h] = dot_fixed<acc_t, scalar_t>(aw.wts.data() + aw.woff[j], row + aw.start[j], aw.len[j]);
+    }
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < b; ++j) {
+      out[i * b + j] = dot_fixed<acc_t, acc_t>(ah.wts.data() + ah.woff[i], t.data() + j * H + ah.start[i], ah.len[i]);
+    }
   }
 }
 
@@ -672,13 +710,18 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     acc_t* op = out.mutable_data_ptr<acc_t>();
     if (!cl) {
+      std::vector<AdjointRuns<acc_t>> ah, aw;
+      for (int64_t l = 0; l < L; ++l) {
+        ah.push_back(make_adjoint_runs<acc_t>(th[l], bins[l]));
+        aw.push_back(make_adjoint_runs<acc_t>(tw[l], bins[l]));
+      }
       // One task per level plane (n, l, r): the plane is read once.
       at::parallel_for(0, N * L * R, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> t;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / (L * R), l = (task / R) % L, r = task % R;
           const scalar_t* plane = gp + (n * CO + C + l * R + r) * H * W;
-          upsample_adjoint_plane<scalar_t, acc_t>(plane, H, W, bins[l], th[l], tw[l], t, op + (n * R + r) * S + offs[l]);
+          upsample_adjoint_plane<scalar_t, acc_t>(plane, H, W, bins[l], ah[l], aw[l], t, op + (n * R + r) * S + offs[l]);
         }
       });
       return;
@@ -773,6 +816,8 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
     const scalar_t* gop = g.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     if (!cl) {
+      const Segments segh = make_segments(bins, H);
+      const int64_t nsh = segh.size();
       // One task per (n, c) plane: E_l (b x W) spreads each bin's gradient / kh / kw over its columns, then each row
       // adds the E_l rows of the bins containing it (vectorized over w).
       at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
@@ -802,19 +847,23 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
               }
             }
           }
-          for (int64_t h = 0; h < H; ++h) {
-            const scalar_t* s_row = src + h * W;
-            for (int64_t w = 0; w < W; ++w) rowacc[w] = static_cast<acc_t>(s_row[w]);
+          // Rows of one row segment lie in the same bins of every level: their spread is one shared W-vector.
+          for (int64_t u = 0; u < nsh; ++u) {
+            const int64_t h_rep = segh.bounds[u];
+            std::fill(rowacc.begin(), rowacc.end(), acc_t(0));
             int64_t base = 0;
             for (int64_t l = 0; l < L; ++l) {
-              for (int64_t i = rh[l].first[h]; i <= rh[l].last[h]; ++i) {
+              for (int64_t i = rh[l].first[h_rep]; i <= rh[l].last[h_rep]; ++i) {
                 const acc_t* er = e.data() + (base + i) * W;
                 for (int64_t w = 0; w < W; ++w) rowacc[w] += er[w];
               }
               base += bins[l];
             }
-            scalar_t* d_row = dst + h * W;
-            for (int64_t w = 0; w < W; ++w) d_row[w] = static_cast<scalar_t>(rowacc[w]);
+            for (int64_t h = segh.bounds[u]; h < segh.bounds[u + 1]; ++h) {
+              const scalar_t* s_row = src + h * W;
+              scalar_t* d_row = dst + h * W;
+              for (int64_t w = 0; w < W; ++w) d_row[w] = static_cast<scalar_t>(static_cast<acc_t>(s_row[w]) + rowacc[w]);
+            }
           }
         }
       });
