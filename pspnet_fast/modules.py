@@ -102,7 +102,9 @@ class PyramidPooling(_RefPyramidPooling):
         y = kernels.ppm_reduce(pooled, weight, None, None, self.bins, False)
         parts, off, R = [], 0, self.reduction_channels
         for b, f in zip(self.bins, self.features):
-            yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b)
+            # In the module's own dtype, as the reference's BatchNorm sees the conv output (a bfloat16 module's
+            # BatchNorm refuses float32 input on CPU); under autocast the parameters stay float32.
+            yl = y[:, :, off:off + b * b].reshape(y.shape[0], R, b, b).to(f[1].weight.dtype)
             parts.append(f[3](f[2](yl)).flatten(2))
             off += b * b
         return torch.cat(parts, 2).to(pooled.dtype)

@@ -268,3 +268,22 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         for n, p in model.named_parameters():
             torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     assert os.path.exists(f"{results}.1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_module_trains(dtype):
+    """A module converted to a half type trains (its BatchNorm runs in that dtype, as the reference's)."""
+    _skip_unavailable("cpu")
+    from .utils import assert_close_to_ref
+
+    ref64 = make_ref(16, (1, 2, 3, 6), dtype=torch.float64).train()
+    ref_h = make_ref(16, (1, 2, 3, 6), dtype=dtype).train()
+    fused = pspnet_fast.PyramidPooling.from_reference(ref_h, backend="cpu")
+    x = torch.randn(2, 16, 13, 11).to(dtype)
+    xf = x.clone().requires_grad_()
+    out = fused(xf)
+    assert out.dtype == dtype
+    assert_close_to_ref(out, ref_h(x), dtype, ref64=ref64(x.double()), ref_dtype_out=ref_h(x))
+    out.float().sum().backward()
+    assert xf.grad.dtype == dtype and torch.isfinite(xf.grad).all()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in fused.parameters())

@@ -1,0 +1,62 @@
+"""Whole-model benchmark `pspnet`: PSPNet-50 inference (eval, no_grad), 150 classes.
+
+Reference: pspnet_fast.models.PSPNet(50, num_classes=150, fused=False); fused: the same weights in
+PSPNet(..., fused=True, backend=...), where only the PPM is fused ("fused-<backend> (fused PPM)"). The image size
+comes from the feature size: the dilated ResNet has output stride 8, features H x W <- image (8(H-1)+1) x (8(W-1)+1)
+(60x60 <- 473x473, 90x90 <- 713x713, 64x128 <- 505x1017). The rows' shape is the image (N, 3, Hi, Wi); C of --shape
+is the backbone's 2048 whatever is given.
+
+    python -m pspnet_fast.benchmarks.bench_pspnet --shape 1,2048,25,25
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .common import Case, Workload, build_case, randomize_bn
+
+NUM_CLASSES = 150
+FEATURE_CHANNELS = 2048  # ResNet-50 layer4
+
+
+def image_size(h: int, w: int) -> tuple[int, int]:
+    """Image size whose output-stride-8 features are h x w."""
+    return 8 * (h - 1) + 1, 8 * (w - 1) + 1
+
+
+def build(shape, dtype, device, channels_last=False, compile_ref=True) -> Case:
+    """Feature shape (N, C, H, W) -> image x (N, 3, 8(H-1)+1, 8(W-1)+1) -> logits (N, 150, same size)."""
+    from pspnet_fast.models import PSPNet
+
+    n, c, h, w = shape
+    hi, wi = image_size(h, w)
+    torch.manual_seed(0)
+    ref = PSPNet(50, num_classes=NUM_CLASSES, fused=False)
+    randomize_bn(ref.ppm)
+    x = torch.randn(n, 3, hi, wi)
+
+    def make_fused(backend, r):
+        fused = PSPNet(50, num_classes=NUM_CLASSES, fused=True, backend=backend)
+        fused.load_state_dict(r.state_dict(), strict=True)
+        return fused
+
+    return build_case("pspnet", (n, 3, hi, wi), dtype, device, channels_last, ref, make_fused, x,
+                      (n, NUM_CLASSES, hi, wi), False, compile_ref, deep=True, fused_label=" (fused PPM)",
+                      extra={"feature_shape": [n, FEATURE_CHANNELS, h, w]})
+
+
+WORKLOADS = [
+    Workload("pspnet", build, train=False, rounds=3, warmup=0, quick_shape=(1, 2048, 9, 9),
+             about="PSPNet-50 inference, eval, no_grad, at the image size of the feature shape"),
+]
+
+
+def main(argv=None) -> int:
+    from .suite import main as suite_main
+
+    return suite_main(argv, only=[w.name for w in WORKLOADS], prog="python -m pspnet_fast.benchmarks.bench_pspnet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,602 @@
+"""What every benchmark script shares: shapes, providers, timing, error check, peak memory, machine info, table, JSON.
+
+A workload script (bench_ppm.py, bench_head.py, bench_pspnet.py) only builds a `Case`: the inputs, one callable per
+provider on those same inputs, the bytes the workload must move, and (for half types) a float64 oracle. `measure`
+does the rest, identically for every workload:
+
+1. each provider's first call is checked against the reference eager provider in this same run (and, for float16 /
+   bfloat16, against the float64 oracle); the first call of torch.compile is where it compiles;
+2. warm-up calls, then `rounds` rounds in which every provider (and a plain copy) runs once, in a fixed order, so
+   that machine noise (another process on a shared CPU, GPU clocks) hits all providers alike; median and min-max;
+3. one more call per provider under the peak-memory probe (outside the timed rounds: the probe itself perturbs the
+   allocator and the page cache).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+JSON_KEYS = ("workload", "shape", "dtype", "device", "provider", "median_ms", "speedup_vs_eager", "speedup_vs_compile",
+             "roofline_fraction", "peak_mem_bytes", "max_abs_err", "machine", "versions", "commit")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def parse_shape(s: str) -> tuple[int, int, int, int]:
+    """'N,C,H,W' -> (N, C, H, W): the backbone feature map every workload is sized by (argparse type)."""
+    parts = [p.strip() for p in s.split(",")]
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W (four non-negative integers), got {s!r}")
+    shape = tuple(int(p) for p in parts)
+    if shape[0] < 1 or shape[1] < 4 or shape[1] % 4 or min(shape[2:]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"N,C,H,W needs N >= 1, C a positive multiple of 4 (the 4 pyramid levels each reduce to C/4 channels) and "
+            f"H, W >= 1, got {s!r}")
+    return shape
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine, versions, commit
+# ----------------------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str | None:
+    """Short hash of the checkout the benchmarks run from, '+dirty' when tracked files differ from it; None when
+    the package is not in a git checkout (a wheel install)."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def machine_info(device: str) -> dict:
+    """machine (GPU name, or CPU model and core count), versions (torch, triton, python, cuda), commit, threads."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    if device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{_cpu_model()} ({os.cpu_count()} cpus)"
+    return {
+        "machine": machine,
+        "versions": {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "commit": _commit(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A workload on one shape: the providers and what they are checked and measured against
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One workload at one shape. Every provider runs on the same input tensors and returns the tensors compared
+    (the output, and x.grad in training) as a list, in `output_names` order."""
+
+    workload: str
+    shape: tuple[int, ...]            # shown in the row: the feature map (N, C, H, W), or the image for pspnet
+    dtype: str
+    device: str
+    channels_last: bool
+    providers: dict[str, Callable[[], list[torch.Tensor]]]
+    output_names: list[str]
+    must_move_bytes: int              # see must_move_bytes(); the roofline's numerator
+    deep: bool                        # gradients or convolutions after the PPM: the looser float tolerance
+    oracle: Callable[[], list[torch.Tensor]] | None = None  # float64 truth, built for float16/bfloat16 only
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # provider -> why it does not run here
+    extra: dict = dataclasses.field(default_factory=dict)  # more JSON fields (e.g. the feature shape of pspnet)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def must_move_bytes(x_bytes: int, params_bytes: int, out_bytes: int, train: bool) -> int:
+    """Bytes any implementation must move through memory for one call (the memory roofline's numerator).
+
+    Inference: read the input and every parameter once, write the output once; intermediates (pooled maps, the
+    PPM output inside the head, backbone activations) are not counted, an ideal fusion keeps them on chip.
+    Training step, loss = (out * g).sum() then backward: the forward's bytes, the loss reads out and g, the backward
+    reads dL/dout (= g, out-sized) and writes x.grad and every parameter's grad once:
+        2 * x + 2 * params + 4 * out.
+    BatchNorm statistics and running buffers are a few KB and not counted."""
+    if not train:
+        return x_bytes + params_bytes + out_bytes
+    return 2 * x_bytes + 2 * params_bytes + 4 * out_bytes
+
+
+def eval_call(module: torch.nn.Module, owner: torch.nn.Module, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+    """Inference call: [module(x)] under no_grad (`owner` unused; the signature is train_call's)."""
+
+    def call():
+        with torch.no_grad():
+            return [module(x)]
+
+    return call
+
+
+def train_call(module: torch.nn.Module, owner: torch.nn.Module, x: torch.Tensor,
+               g: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+    """Training step on x (requires_grad) with a fixed g shaped like the output: out = module(x);
+    (out * g).sum().backward(). Returns [out, x.grad].
+
+    x.grad and the parameters' grads are reset to None first, so every call does the same work (no accumulation into
+    the last call's grads). `owner` holds the parameters (the eager module when `module` is its torch.compile
+    wrapper)."""
+
+    def call():
+        x.grad = None
+        owner.zero_grad(set_to_none=True)
+        out = module(x)
+        (out * g).sum().backward()
+        return [out.detach(), x.grad]
+
+    return call
+
+
+def add_providers(providers: dict, skipped: dict, ref: torch.nn.Module, make_fused: Callable[[str], torch.nn.Module],
+                  make_call: Callable[..., Callable], inputs: Sequence[torch.Tensor], compile_ref: bool,
+                  fused_label: str = "") -> None:
+    """Fills `providers` in the table's order: reference (eager), torch.compile(reference), fused-<backend> for every
+    backend that runs inputs[0]. make_call(module_called, module_owning_params, *inputs) -> the provider's callable
+    (eval_call or train_call); make_fused(backend) -> the fused module carrying ref's weights."""
+    x = inputs[0]
+    from pspnet_fast import ops
+
+    providers["reference"] = make_call(ref, ref, *inputs)
+    if compile_ref:
+        # dynamic=False: every case compiles for its own static shape, as a user's fixed-size model would; without
+        # it the second shape of the same module class would be compiled with dynamic sizes (slower kernels).
+        compiled = torch.compile(ref, dynamic=False)
+        providers["torch.compile"] = make_call(compiled, ref, *inputs)
+    for name in FUSED_BACKENDS:
+        why = ops.why_not(name, x)
+        label = f"fused-{name}{fused_label}"
+        if why is None:
+            fused = make_fused(name)
+            providers[label] = make_call(fused, fused, *inputs)
+        else:
+            skipped[label] = why
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A thing measured. build(shape, dtype, device, channels_last, compile_ref) -> Case; shape is the backbone
+    feature map (N, C, H, W). train: a training step (needs N >= 2: BatchNorm in training has a single value per
+    channel on the 1x1 pyramid level at N = 1 and refuses it). rounds/warmup: defaults sized to the cost of a call."""
+
+    name: str
+    build: Callable[..., Case]
+    train: bool
+    rounds: int
+    warmup: int  # untimed calls after the checked first call (0 where a call takes seconds: the first one warms)
+    quick_shape: tuple[int, int, int, int]
+    about: str
+
+
+def randomize_bn(module: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (a fresh BatchNorm is the identity in eval), so the
+    fused path's BatchNorm fold is exercised. Applied to the PPM only: rescaling every BatchNorm of a ResNet-50 would
+    let its activations grow past float16's range."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                                  (m.bias, -0.5, 0.5)):
+                    t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo)
+
+
+def build_case(workload: str, shape: tuple[int, ...], dtype_name: str, device: str, channels_last: bool,
+               ref: torch.nn.Module, make_fused: Callable[[str, torch.nn.Module], torch.nn.Module], x: torch.Tensor,
+               out_shape: tuple[int, ...], train: bool, compile_ref: bool, deep: bool, fused_label: str = "",
+               extra: dict | None = None) -> Case:
+    """The Case for module `ref` (float32 on the CPU as built; moved here to device/dtype/layout, put in train or eval
+    mode) on input x (moved likewise). make_fused(backend, ref) -> the fused module with ref's weights (moved and
+    moded like ref here). out_shape: the module's output shape, for g and the must-move bytes."""
+    dtype = DTYPES[dtype_name]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = ref.to(device=device, dtype=dtype, memory_format=fmt).train(train)
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(train)
+    inputs = [x]
+    if train:
+        gen = torch.Generator().manual_seed(2)
+        g = torch.randn(out_shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        inputs.append(g)
+    make_call = train_call if train else eval_call
+    providers, skipped = {}, {}
+    add_providers(providers, skipped, ref,
+                  lambda b: make_fused(b, ref).to(device=device, dtype=dtype, memory_format=fmt).train(train),
+                  make_call, inputs, compile_ref, fused_label)
+    out_bytes = torch.Size(out_shape).numel() * x.element_size()
+    case = Case(workload=workload, shape=tuple(shape), dtype=dtype_name, device=device, channels_last=channels_last,
+                providers=providers, output_names=["out", "x.grad"] if train else ["out"],
+                must_move_bytes=must_move_bytes(tensor_bytes(x), param_bytes(ref), out_bytes, train), deep=deep,
+                skipped=skipped, extra=dict(extra or {}))
+    if dtype in (torch.float16, torch.bfloat16):
+        case.oracle = float64_oracle(ref, make_call, inputs)
+    return case
+
+
+def float64_oracle(module: torch.nn.Module, make_call: Callable, inputs: Sequence[torch.Tensor]) -> Callable:
+    """The reference in float64 on the same inputs (a deep copy: the measured modules are untouched)."""
+    m64 = copy.deepcopy(module).double()
+    args = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    return make_call(m64, m64, *args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Error check
+# ----------------------------------------------------------------------------------------------------------------
+def float_tolerance(dtype: torch.dtype, scale: float, deep: bool) -> float:
+    """Allowed max |provider - reference eager| for float32/float64: the forward tests' bound (1e-5 relative) for the
+    PPM forward, the gradient tests' bound (1e-4 relative) for gradients and for outputs that pass through
+    convolutions after the PPM, where the PPM's last-bit differences are summed over 4096 x 9 products."""
+    if dtype == torch.float64:
+        return (1e-10 if deep else 1e-12) * scale
+    return (1e-4 if deep else 1e-5) * scale + 1e-6
+
+
+def check_outputs(case: Case, got: list[torch.Tensor], expect: list[torch.Tensor],
+                  oracle: list[torch.Tensor] | None) -> tuple[float, dict, bool, dict]:
+    """(max_abs_err against the reference eager, per-output errors, wrong, per-output detail).
+
+    float32/float64: wrong when |got - eager| exceeds float_tolerance. float16/bfloat16 (the house rule, STYLE.md
+    habit 7): wrong when the error against the float64 oracle exceeds 2x the eager reference's own error against it
+    plus 1e-3 max|oracle|; comparing two half-precision results with each other would only measure rounding."""
+    dtype = DTYPES[case.dtype]
+    errs, detail, wrong = {}, {}, False
+    for name, a, e, o in zip(case.output_names, got, expect, oracle or [None] * len(got)):
+        if tuple(a.shape) != tuple(e.shape):
+            errs[name] = float("inf")
+            detail[name] = f"shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+            wrong = True
+            continue
+        err = (a.double() - e.double()).abs().max().item() if a.numel() else 0.0
+        errs[name] = err
+        if dtype in (torch.float16, torch.bfloat16):
+            scale = o.abs().max().item()
+            err64 = (a.double() - o).abs().max().item()
+            ref64 = (e.double() - o).abs().max().item()
+            tol = 2 * ref64 + 1e-3 * scale
+            detail[name] = {"err_vs_fp64": err64, "reference_err_vs_fp64": ref64, "tolerance": tol}
+            bad = not err64 <= tol  # `not <=` so NaN is wrong
+        else:
+            tol = float_tolerance(dtype, e.double().abs().max().item() if e.numel() else 0.0, case.deep)
+            detail[name] = {"tolerance": tol}
+            bad = not err <= tol
+        detail[name]["wrong"] = bad
+        wrong = wrong or bad
+    return max(errs.values()) if errs else 0.0, errs, wrong, detail
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rounds(fns: dict[str, Callable], device: str, rounds: int) -> dict[str, list[float]]:
+    """ms per call for each provider; within each round every provider runs once, in order, so that noise that
+    comes and goes (another process, clocks) is shared. The caller warms up first."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: '5' > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Hands glibc's free heap pages back to the kernel, so that memory a call reuses from the heap is faulted in
+    again and shows in its RSS growth (without it, only allocations above the mmap threshold would show)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+CPU_PEAK_METHOD = "peak RSS growth during one call (VmHWM reset via /proc/self/clear_refs, glibc heap trimmed " \
+                  "first, the previous call's outputs held)"
+CUDA_PEAK_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() " \
+                   "before the call"
+
+
+def peak_memory(fn: Callable, device: str) -> int | None:
+    """Bytes a call needs beyond what is allocated before it (inputs, weights, caches are not counted).
+
+    CUDA: the caching allocator's peak of allocated bytes, exact. CPU: the growth of the process's peak RSS: counts
+    every page the call touches anew, the compiled extension's own buffers included (the torch profiler's memory view
+    would miss those, e.g. the fused CPU kernel's output comes from its own buffer cache). The previous call's
+    outputs are kept alive, so a cache cannot hand them back and the output is counted as a user holding it would
+    see it. None where /proc/self/clear_refs is not writable."""
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    held = fn()
+    _malloc_trim()
+    if not _reset_peak_rss():
+        return None
+    base = _proc_status_kb("VmRSS")
+    out = fn()
+    peak = _proc_status_kb("VmHWM")
+    del out, held
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring a case
+# ----------------------------------------------------------------------------------------------------------------
+def _copy_probe(case: Case):
+    """A plain copy between two preallocated buffers: the memory bandwidth reachable in this run, the roofline's
+    denominator. Sized like the workload's traffic (at least 32 MiB a buffer, beyond last-level caches; at most
+    512 MiB) so that it runs in the same memory regime. Returns (fn, bytes moved per call)."""
+    n = min(max(case.must_move_bytes // 2, 32 << 20), 512 << 20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=case.device).uniform_()
+    dst = torch.empty_like(src)
+    return (lambda: [dst.copy_(src)]), 2 * n * 4
+
+
+def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable[[str], None]) -> tuple[list, dict]:
+    """Runs the case; returns (rows, timings) where timings = {"wall_s", "compile_s"} feeds the skip estimates."""
+    t_start = time.perf_counter()
+    dtype = DTYPES[case.dtype]
+    rows_extra = {"channels_last": case.channels_last, **case.extra}
+    oracle = None
+    if case.oracle is not None and dtype in (torch.float16, torch.bfloat16):
+        progress("float64 oracle ...")
+        oracle = [t.detach().double() for t in case.oracle()]
+
+    # 1. Correctness, on each provider's first call (the reference eager first: it is the comparison).
+    expect, results, failed, first_s = None, {}, {}, {}
+    for name, fn in case.providers.items():
+        t0 = time.perf_counter()
+        try:
+            got = [t.detach().clone() for t in fn()]
+            sync(case.device)
+        except Exception as e:  # a provider that raises is reported as FAILED, never dropped
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            progress(f"{name}: FAILED ({failed[name]})")
+            continue
+        first_s[name] = time.perf_counter() - t0
+        if name == "reference":
+            expect = got
+        if expect is None:
+            failed[name] = "the reference eager provider failed: nothing to compare with"
+            continue
+        results[name] = check_outputs(case, got, expect, oracle)
+        del got
+        what = "compiled and checked" if name == "torch.compile" else "checked"
+        progress(f"{name}: {what} in {first_s[name]:.1f} s, max abs err {results[name][0]:.2e}"
+                 + (" WRONG" if results[name][2] else ""))
+    live = {k: v for k, v in case.providers.items() if k not in failed}
+
+    # 2. Warm-up, then interleaved rounds with the copy probe as one more provider.
+    copy_fn, copy_bytes = _copy_probe(case)
+    timed = {**live, "copy": copy_fn}
+    for name, fn in timed.items():
+        for _ in range(warmup):
+            fn()
+    sync(case.device)
+    progress(f"timing {len(timed)} providers x {rounds} rounds ...")
+    times = time_rounds(timed, case.device, rounds)
+
+    # 3. Peak memory, one more call each.
+    peaks = {}
+    for name, fn in live.items():
+        peaks[name] = peak_memory(fn, case.device)
+
+    stats = {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    bandwidth = copy_bytes / (stats["copy"][0] * 1e-3)  # bytes/s
+    eager = stats.get("reference", (None,))[0]
+    compiled = stats.get("torch.compile", (None,))[0]
+    base = {"workload": case.workload, "shape": list(case.shape), "dtype": case.dtype, "device": case.device}
+    common = {"rounds": rounds, "must_move_bytes": case.must_move_bytes, "copy_GBps": bandwidth / 1e9,
+              "peak_mem_method": CUDA_PEAK_METHOD if case.device == "cuda" else CPU_PEAK_METHOD, **rows_extra}
+    rows = []
+    for name in case.providers:
+        row = {**base, "provider": name}
+        if name in failed:
+            row.update(median_ms=None, min_ms=None, max_ms=None, speedup_vs_eager=None, speedup_vs_compile=None,
+                       roofline_fraction=None, peak_mem_bytes=None, max_abs_err=None, wrong=True,
+                       error=failed[name])
+        else:
+            med, lo, hi = stats[name]
+            err, errs, wrong, detail = results[name]
+            row.update(median_ms=med, min_ms=lo, max_ms=hi,
+                       speedup_vs_eager=eager / med if eager else None,
+                       speedup_vs_compile=compiled / med if compiled else None,
+                       roofline_fraction=(case.must_move_bytes / bandwidth) / (med * 1e-3),
+                       peak_mem_bytes=peaks.get(name), max_abs_err=err, wrong=wrong,
+                       max_abs_err_by_output=errs, check=detail)
+        rows.append({**row, **common, **info})
+    med, lo, hi = stats["copy"]
+    rows.append({**base, "provider": "copy", "median_ms": med, "min_ms": lo, "max_ms": hi, "speedup_vs_eager": None,
+                 "speedup_vs_compile": None, "roofline_fraction": 1.0, "peak_mem_bytes": None, "max_abs_err": None,
+                 "wrong": False, "copy_bytes": copy_bytes, **common, **info})
+    for name, why in case.skipped.items():
+        progress(f"{name}: not run ({why})")
+    compile_s = 0.0
+    if "torch.compile" in first_s and compiled:
+        compile_s = max(0.0, first_s["torch.compile"] - compiled * 1e-3)
+    return rows, {"wall_s": time.perf_counter() - t_start, "compile_s": compile_s}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per row; WRONG / FAILED marked in the error column, never dropped."""
+    head = (f"{'workload':<10} {'shape':<15} {'dtype':<8} {'provider':<24} {'median ms':>10} {'spread ms':>19} "
+            f"{'vs eager':>8} {'vs compile':>10} {'roofline':>8} {'peak MiB':>9} {'max abs err':>12}")
+    lines = [head, "-" * len(head)]
+    prev = None
+    for r in rows:
+        key = (r["workload"], tuple(r["shape"]), r["dtype"])
+        if prev is not None and key != prev:
+            lines.append("")
+        prev = key
+        shape = fmt_shape(r["shape"]) + (" CL" if r.get("channels_last") else "")
+        if r.get("error"):
+            lines.append(f"{r['workload']:<10} {shape:<15} {r['dtype']:<8} {r['provider']:<24} FAILED: {r['error']}")
+            continue
+        ve = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
+        vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
+        err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}" + (" WRONG" if r["wrong"] else "")
+        spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
+        lines.append(
+            f"{r['workload']:<10} {shape:<15} {r['dtype']:<8} {r['provider']:<24} {r['median_ms']:>10.2f} "
+            f"{spread:>19} {ve:>8} {vc:>10} {r['roofline_fraction']:>8.2f} {_fmt_bytes(r['peak_mem_bytes']):>9} "
+            f"{err:>12}")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    """A JSON list of rows (JSON_KEYS plus min_ms, max_ms, wrong, error, check details ...)."""
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+
+
+def check_plot_available() -> str | None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib, which is not installed: pip install .[plot]  (or: pip install matplotlib)"
+    return None
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+    """PNG bar chart: speed-up over the reference eager, one group per (workload, shape, dtype), one bar per
+    provider; the eager reference is the line at 1. matplotlib is imported here only (an optional dependency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["provider"] not in ("reference", "copy") and r.get("speedup_vs_eager")]
+    groups = list(dict.fromkeys((r["workload"], fmt_shape(r["shape"]), r["dtype"]) for r in rows))
+
+    def base(provider):  # "fused-cpu (fused PPM)" is drawn as fused-cpu, its group's label says "(fused PPM)"
+        return provider.split(" (")[0]
+
+    providers = list(dict.fromkeys(base(r["provider"]) for r in rows))
+    partial = {(r["workload"], fmt_shape(r["shape"]), r["dtype"]) for r in rows if "(fused PPM)" in r["provider"]}
+    width = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.5))
+    for i, p in enumerate(providers):
+        xs, matched = [], []
+        for j, g in enumerate(groups):
+            for r in rows:
+                if base(r["provider"]) == p and (r["workload"], fmt_shape(r["shape"]), r["dtype"]) == g:
+                    xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                    matched.append(r)
+        bars = ax.bar(xs, [r["speedup_vs_eager"] for r in matched], width, label=p)
+        for b, r in zip(bars, matched):
+            if r.get("wrong"):  # a wrong result's speed is no speed: hatched, not hidden
+                b.set_hatch("xx")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{w}\n{s}\n{d}" + ("\n(fused PPM)" if (w, s, d) in partial else "") for w, s, d in groups],
+                       fontsize=8)
+    ax.set_ylabel("speed-up over reference eager (x)")
+    info = rows[0] if rows else {}
+    ax.set_title(f"pspnet_fast bench: {info.get('machine', '')}, torch {info.get('versions', {}).get('torch', '')}, "
+                 f"commit {info.get('commit')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stderr_progress(prefix: str = "") -> Callable[[str], None]:
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {prefix}{msg}", file=sys.stderr, flush=True)
+
+    return say
