@@ -236,27 +236,28 @@ def _reduce_setup(ctx, inputs, output):
 
 
 def _reduce_backward(ctx, grad):
+    """Per level, with the images folded into the columns: g (R, N*s), p (C, N*s); dW = g p^T, dp = W^T g (one GEMM
+    each, nothing zero-filled)."""
     pooled, weight, scale, shift, out = ctx.saved_tensors
-    n = pooled.shape[0]
-    g_pooled = torch.zeros_like(pooled)
-    g_weight = torch.zeros_like(weight)
-    g_scale = torch.zeros_like(scale) if ctx.has_scale else None
-    g_shift = torch.zeros_like(shift) if ctx.has_scale else None
+    n, c = pooled.shape[:2]
     grad = grad.to(pooled.dtype)
     if ctx.relu:
         # torch.relu's backward: gradient where the result is positive.
         grad = grad * (out > 0).to(grad.dtype)
+    g_pooled, g_weight, g_scale, g_shift = [], [], [], []
     for l, (b, off) in enumerate(zip(ctx.bins, _offsets(ctx.bins))):
-        p = pooled[:, :, off:off + b * b]  # (N, C, s)
-        g = grad[:, :, off:off + b * b]  # (N, R, s)
+        s = b * b
+        p = pooled[:, :, off:off + s].permute(1, 0, 2).reshape(c, n * s)  # (C, N*s)
+        g = grad[:, :, off:off + s].permute(1, 0, 2).reshape(-1, n * s)  # (R, N*s)
         if ctx.has_scale:
-            y = torch.matmul(weight[l], p)  # (N, R, s), before the affine epilogue
-            g_scale[l] = (g * y).sum(dim=(0, 2))
-            g_shift[l] = g.sum(dim=(0, 2))
-            g = g * scale[l].view(1, -1, 1)
-        g_weight[l] = torch.matmul(g, p.transpose(1, 2)).sum(0) if n > 0 else 0
-        g_pooled[:, :, off:off + b * b] = torch.matmul(weight[l].t(), g)
-    return g_pooled, g_weight, g_scale, g_shift, None, None
+            y = torch.matmul(weight[l], p)  # (R, N*s), before the affine epilogue
+            g_scale.append((g * y).sum(1))
+            g_shift.append(g.sum(1))
+            g = g * scale[l].view(-1, 1)
+        g_weight.append(torch.matmul(g, p.t()))  # (R, C)
+        g_pooled.append(torch.matmul(weight[l].t(), g).reshape(c, n, s).permute(1, 0, 2))  # (N, C, s)
+    return (torch.cat(g_pooled, 2), torch.stack(g_weight), torch.stack(g_scale) if ctx.has_scale else None,
+            torch.stack(g_shift) if ctx.has_scale else None, None, None)
 
 
 def _upsample_setup(ctx, inputs, output):

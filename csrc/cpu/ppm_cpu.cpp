@@ -798,7 +798,9 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
   const Tensor g = cl ? grad_in : grad_in.contiguous();
   const int64_t N = g.size(0), CO = g.size(1), H = g.size(2), W = g.size(3), C = grad_pooled_in.size(1);
   const int64_t S = grad_pooled_in.size(2), L = bins.size();
-  Tensor out = at::empty({N, C, H, W}, g.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const std::vector<int64_t> out_strides =
+      cl ? std::vector<int64_t>{C * H * W, 1, W * C, C} : std::vector<int64_t>{C * H * W, H * W, W, 1};
+  Tensor out = OutputCache::get().empty({N, C, H, W}, out_strides, g.options());
   if (N == 0) return out;
   std::vector<BinRuns> rh, rw;
   std::vector<int64_t> offs;
