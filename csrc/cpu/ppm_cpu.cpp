@@ -477,21 +477,33 @@ Taps<acc_t> make_taps(int64_t in, int64_t out, bool align_corners) {
   return t;
 }
 
+// Every level's row and column taps for an (H x W) output, and each level's first column in the (N, *, S) layout.
+template <typename acc_t>
+struct LevelTaps {
+  std::vector<Taps<acc_t>> th, tw;
+  std::vector<int64_t> offs;
+
+  LevelTaps(at::IntArrayRef bins, int64_t H, int64_t W, bool align_corners) {
+    int64_t off = 0;
+    for (int64_t b : bins) {
+      th.push_back(make_taps<acc_t>(b, H, align_corners));
+      tw.push_back(make_taps<acc_t>(b, W, align_corners));
+      offs.push_back(off);
+      off += b * b;
+    }
+  }
+};
+
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
                           Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
-  std::vector<Taps<acc_t>> th, tw;
-  std::vector<int64_t> offs;
-  int64_t off = 0;
-  for (int64_t b : bins) {
-    th.push_back(make_taps<acc_t>(b, H, align_corners));
-    tw.push_back(make_taps<acc_t>(b, W, align_corners));
-    offs.push_back(off);
-    off += b * b;
-  }
+  const LevelTaps<acc_t> lt(bins, H, W, align_corners);
+  const std::vector<Taps<acc_t>>& th = lt.th;
+  const std::vector<Taps<acc_t>>& tw = lt.tw;
+  const std::vector<int64_t>& offs = lt.offs;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const lvl_t* yp = levels.const_data_ptr<lvl_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -540,15 +552,10 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
-  std::vector<Taps<acc_t>> th, tw;
-  std::vector<int64_t> offs;
-  int64_t off = 0;
-  for (int64_t b : bins) {
-    th.push_back(make_taps<acc_t>(b, H, align_corners));
-    tw.push_back(make_taps<acc_t>(b, W, align_corners));
-    offs.push_back(off);
-    off += b * b;
-  }
+  const LevelTaps<acc_t> lt(bins, H, W, align_corners);
+  const std::vector<Taps<acc_t>>& th = lt.th;
+  const std::vector<Taps<acc_t>>& tw = lt.tw;
+  const std::vector<int64_t>& offs = lt.offs;
   // (N, R, S) -> (N, S, R) in the accumulation type so the R channels of one bin are contiguous, as the output's.
   const Tensor yt = levels.to(c10::CppTypeToScalarType<acc_t>::value).transpose(1, 2).contiguous();
   const acc_t* yp = yt.const_data_ptr<acc_t>();
@@ -698,15 +705,10 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<Taps<acc_t>> th, tw;
-    std::vector<int64_t> offs;
-    int64_t off = 0;
-    for (int64_t b : bins) {
-      th.push_back(make_taps<acc_t>(b, H, align_corners));
-      tw.push_back(make_taps<acc_t>(b, W, align_corners));
-      offs.push_back(off);
-      off += b * b;
-    }
+    const LevelTaps<acc_t> lt(bins, H, W, align_corners);
+    const std::vector<Taps<acc_t>>& th = lt.th;
+    const std::vector<Taps<acc_t>>& tw = lt.tw;
+    const std::vector<int64_t>& offs = lt.offs;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     acc_t* op = out.mutable_data_ptr<acc_t>();
     if (!cl) {
