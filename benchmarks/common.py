@@ -195,6 +195,10 @@ def add_providers(providers: dict, skipped: dict, ref: torch.nn.Module, make_fus
         providers["torch.compile"] = make_call(compiled, ref, *inputs)
     for name in FUSED_BACKENDS:
         why = ops.why_not(name, x)
+        if why is None and name == "triton" and x.device.type != "cuda":
+            # TRITON_INTERPRET=1 makes Triton run CPU tensors in its interpreter: a correctness tool, not something
+            # to time (and minutes per call at these sizes).
+            why = "Triton on CPU tensors runs in its interpreter, which is not benchmarked"
         label = f"fused-{name}{fused_label}"
         if why is None:
             fused = make_fused(name)
