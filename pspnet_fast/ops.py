@@ -219,7 +219,9 @@ def _pool_setup(ctx, inputs, output):
 
 def _pool_backward_for(prefix: str):
     def backward(ctx, grad):
-        # The op alone has no grad_out to add: a zero (expanded, nothing allocated) stands in for it.
+        # The op alone has no grad_out to add: a zero expanded to x's shape stands in (the kernels may materialize
+        # it). This path serves direct op use and traced graphs; the module's own autograd node passes the real
+        # grad_out and writes grad_x in one pass.
         zero = grad.new_zeros((), dtype=ctx.x_dtype).expand(ctx.x_shape)
         gx = getattr(torch.ops.pspnet_fast, prefix + "pyramid_pool_backward")(grad, zero, ctx.bins)
         return gx.contiguous(memory_format=ctx.x_format), None
@@ -268,7 +270,6 @@ def _upsample_setup(ctx, inputs, output):
     ctx.x_dtype = x.dtype
     ctx.x_format = _out_memory_format(x)
     ctx.levels_dtype = levels.dtype
-    ctx.r = levels.shape[1]
 
 
 def _upsample_backward_for(prefix: str):
