@@ -42,7 +42,7 @@ WORKLOADS = [
     Workload("ppm", build, train=False, rounds=15, warmup=3, quick_shape=(1, 256, 13, 13),
              about="PPM forward, eval, no_grad"),
     Workload("ppm-train", build_train, train=True, rounds=7, warmup=1, quick_shape=(2, 256, 13, 13),
-             about="PPM forward + backward, training mode, loss (out * g).sum()"),
+             about="PPM forward + backward, training mode, out.backward(g), g fixed"),
 ]
 
 
