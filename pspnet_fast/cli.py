@@ -25,7 +25,7 @@ def _info(args) -> int:
     if _ext.load():
         print("compiled: C++ CPU kernels: yes")
         archs = _ext.cuda_archs()
-        print(f"compiled: CUDA kernels: " + (f"yes (architectures {archs})" if archs else
+        print("compiled: CUDA kernels: " + (f"yes (architectures {archs})" if archs else
                                               "no (built without CUDA: CPU-only torch, no nvcc, or "
                                               "PSPNET_FAST_SKIP_CUDA=1)"))
     else:

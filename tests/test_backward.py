@@ -15,14 +15,6 @@ BINS = [(1, 2, 3, 6), (1, 3, 6, 8), (6,), (2,)]
 SIZES = [(1, 1), (2, 5), (5, 2), (13, 13), (60, 64), (97, 13)]
 
 
-def _offsets(bins):
-    out, o = [], 0
-    for b in bins:
-        out.append(o)
-        o += b * b
-    return out
-
-
 def _ref_upsample_backward(g, c, bins, align_corners):
     """grad_levels (N, R, S) by autograd through F.interpolate, in float64."""
     g = g.double()
