@@ -13,6 +13,15 @@
 //   pyramid_pool_backward(grad_pooled (N, C, S), grad_out (N, C', H, W) with C' >= C, bins)
 //                                                             -> grad_x = grad_out[:, :C] + pool^T(grad_pooled),
 //                                                                (N, C, H, W) in grad_out's dtype and memory format
+// The fused PSP head (the 3x3 bottleneck split as conv3x3(x; W_X) + context of the small level maps, see
+// pspnet_fast/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
+//   head_epilogue(z (N, O, H, W), q (N, O, 9, S), bins, align_corners, scale (O)?, shift (O)?, relu)
+//       -> out = act((z + context(q)) * scale + shift), z's dtype and memory format; q, scale, shift float32
+//          (float64 for float64 z); context(n, o, y, x) = sum over levels l and taps t = (dy, dx) with
+//          0 <= y + dy - 1 < H and 0 <= x + dx - 1 < W of bilinear_l(q[n, o, t, level l])(y + dy - 1, x + dx - 1),
+//          bilinear_l being the upsample of the b_l x b_l map to H x W (upsample_concat's rules)
+//   head_context_backward(grad (N, O, H, W), bins, align_corners)
+//       -> grad_q (N, O, 9, S) = context's adjoint applied to grad, float32 (float64), deterministic
 #include <Python.h>
 #include <torch/library.h>
 
@@ -43,6 +52,9 @@ TORCH_LIBRARY(pspnet_fast, m) {
   m.def("upsample_concat(Tensor x, Tensor levels, int[] bins, bool align_corners) -> Tensor");
   m.def("upsample_concat_backward(Tensor grad_out, int in_channels, int[] bins, bool align_corners) -> Tensor");
   m.def("pyramid_pool_backward(Tensor grad_pooled, Tensor grad_out, int[] bins) -> Tensor");
+  m.def("head_epilogue(Tensor z, Tensor q, int[] bins, bool align_corners, Tensor? scale, Tensor? shift, bool relu) "
+        "-> Tensor");
+  m.def("head_context_backward(Tensor grad, int[] bins, bool align_corners) -> Tensor");
   // Which backends this binary holds: "cpu" always, "cuda:<archs>" when the CUDA sources were compiled in.
   m.def("build_info() -> str[]", &build_info);
 }

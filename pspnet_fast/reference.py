@@ -21,7 +21,7 @@ from torch import nn
 
 from ._checks import check_bins, check_feature_map, check_positive_int
 
-__all__ = ["PyramidPooling", "PSPHead", "pyramid_pooling"]
+__all__ = ["PyramidPooling", "PSPHead", "pyramid_pooling", "head_context", "head_epilogue", "head_context_backward"]
 
 
 def _default_reduction(in_channels: int, bins: tuple[int, ...], reduction_channels) -> int:
@@ -122,3 +122,63 @@ def _make_cls(in_channels: int, mid_channels: int, num_classes: int, dropout: fl
         nn.Dropout2d(p=dropout),
         nn.Conv2d(mid_channels, num_classes, kernel_size=1),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fused head's two ops, in plain PyTorch (their truth; schemas in csrc/ops.cpp).
+#
+# The head's 3x3 conv over cat[x, U_1..U_L] (U_l = upsample(P_l)) splits by input channels into conv3x3(x; W_X) plus,
+# per level and tap t = 3 * dy + dx, the upsample of Q_l[t] = W_l[:, :, dy, dx] @ P_l shifted by (dy - 1, dx - 1) with
+# zero padding: bilinear upsampling is the same linear map on every channel, so it commutes with the 1x1 product.
+# --------------------------------------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def head_context(q: torch.Tensor, bins: Sequence[int], size, align_corners: bool) -> torch.Tensor:
+    """context(q) (N, O, H, W) in q's dtype, from q (N, O, 9, S): for every level l (columns [off_l, off_l + b_l^2))
+    and tap t = (dy, dx), the b_l x b_l map q[:, :, t, level l] upsampled bilinearly to H x W and read at
+    (y + dy - 1, x + dx - 1), zero outside the image."""
+    bins = check_bins(bins)
+    n, o, taps, s = q.shape
+    if taps != 9 or s != sum(b * b for b in bins):
+        raise ValueError(f"q must be (N, O, 9, {sum(b * b for b in bins)}) for bins {bins}, got {tuple(q.shape)}")
+    h, w = int(size[0]), int(size[1])
+    ctx = q.new_zeros((n, o, h, w))
+    off = 0
+    for b in bins:
+        ql = q[:, :, :, off:off + b * b].reshape(n, o * 9, b, b)
+        up = F.interpolate(ql, (h, w), mode="bilinear", align_corners=align_corners).reshape(n, o, 9, h, w)
+        up = F.pad(up, (1, 1, 1, 1))
+        for t in range(9):
+            dy, dx = divmod(t, 3)
+            ctx = ctx + up[:, :, t, dy:dy + h, dx:dx + w]
+        off += b * b
+    return ctx
+
+
+def head_epilogue(z, q, bins, align_corners, scale=None, shift=None, relu=False) -> torch.Tensor:
+    """act((z + context(q)) * scale + shift), computed in float32 (float64 for float64 z), returned in z's dtype and
+    memory format (channels_last stays channels_last, other layouts come back contiguous)."""
+    acc = _acc_dtype(z.dtype)
+    v = z.to(acc) + head_context(q.to(acc), bins, z.shape[-2:], align_corners)
+    if (scale is None) != (shift is None):
+        raise ValueError("head_epilogue takes scale and shift together or neither")
+    if scale is not None:
+        v = v * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
+    if relu:
+        v = torch.relu(v)
+    channels_last = not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+    return v.to(z.dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def head_context_backward(grad: torch.Tensor, bins: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """The adjoint of head_context: grad (N, O, H, W) -> grad_q (N, O, 9, S), float32 (float64 for float64 grad)."""
+    bins = check_bins(bins)
+    acc = _acc_dtype(grad.dtype)
+    n, o, h, w = grad.shape
+    q = torch.zeros((n, o, 9, sum(b * b for b in bins)), dtype=acc, device=grad.device, requires_grad=True)
+    with torch.enable_grad():
+        ctx = head_context(q, bins, (h, w), align_corners)
+        (gq,) = torch.autograd.grad(ctx, q, grad.to(acc))
+    return gq
