@@ -1,4 +1,5 @@
-"""The `pspnet-fast` command: `info` (what was built and why not) and `bench` (the benchmark suite)."""
+"""The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite), `train` and `eval`
+(the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download)."""
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,23 @@ def main(argv=None) -> int:
         from .benchmarks import suite
 
         return suite.main(argv[1:], prog="pspnet-fast bench")
+    if argv and argv[0] in ("train", "eval"):
+        # Each owns its arguments (`pspnet-fast train --help`).
+        from . import evaluate, train
+
+        return (train if argv[0] == "train" else evaluate).main(argv[1:], prog=f"pspnet-fast {argv[0]}")
     p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled backends and why any is missing")
     sub.add_parser("bench", add_help=False,
                    help="the benchmark suite: reference eager vs torch.compile vs every fused backend, on the PPM, "
                         "its training step, the PSP head and PSPNet-50 (see pspnet-fast bench --help)")
+    sub.add_parser("train", add_help=False,
+                   help="train PSPNet (SGD, poly lr, aux loss; torchrun for many processes); --data synthetic "
+                        "needs no download (see pspnet-fast train --help)")
+    sub.add_parser("eval", add_help=False,
+                   help="the authors' test protocol: sliding windows, flip, multi-scale; IoU table; colourized PNGs "
+                        "(see pspnet-fast eval --help)")
     args = p.parse_args(argv)
     return _info(args)
 
