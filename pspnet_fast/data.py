@@ -102,7 +102,7 @@ class ListSource:
         img_path, lbl_path = self.pairs[i]
         try:
             with Image.open(img_path) as im:
-                img = np.asarray(im.convert("RGB"))
+                img = np.array(im.convert("RGB"))
         except FileNotFoundError:
             raise FileNotFoundError(f"image {img_path} does not exist") from None
         except OSError as e:
@@ -115,7 +115,7 @@ class ListSource:
                 if mode not in ("L", "P", "I", "I;16"):
                     raise ValueError(f"label {lbl_path}: expected a single-channel PNG (mode L or P) of class "
                                      f"indices, got mode {mode}")
-                lbl = np.asarray(im)
+                lbl = np.array(im)
         except FileNotFoundError:
             raise FileNotFoundError(f"label {lbl_path} does not exist") from None
         except OSError as e:
