@@ -15,7 +15,7 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pillow pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
 	touch $@
 
 build: $(VENV)/.build-done
