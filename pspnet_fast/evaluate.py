@@ -201,7 +201,8 @@ def build_parser(prog="pspnet-fast eval") -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: the checkpoint's, else "
                                                                  "required for list data)")
     p.add_argument("--layers", type=int, default=None, help="backbone depth (default: the checkpoint's)")
-    p.add_argument("--width", type=int, default=None, help="backbone width for layers 18/34 (default: the checkpoint's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="backbone width for layers 18/34 (default: the checkpoint's)")
     p.add_argument("--no-ppm", dest="use_ppm", action="store_false", default=None,
                    help="the model has no pyramid (default: the checkpoint's)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
@@ -244,7 +245,7 @@ def main(argv=None, prog="pspnet-fast eval") -> int:
     cfg.setdefault("width", 64)
     cfg.setdefault("use_ppm", True)
     cfg.setdefault("seed", 0)
-    cfg.setdefault("synthetic_size", 64)
+    cfg.setdefault("synthetic_size", 128)
     cfg.setdefault("synthetic_val", 100)
     source = make_source(args.data, "val", cfg, args.data_root, need_labels=False)
     if args.limit is not None:

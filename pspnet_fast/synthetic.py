@@ -5,13 +5,15 @@ How an image (size x size, RGB uint8) and its label (size x size, uint8) are bui
 `numpy.random.default_rng([seed, split, index])` only, so every process and DataLoader worker builds the same sample:
 
 - The scene kind k is "day" (0) or "night" (1), equally likely.
-- Sky, class 1: the top quarter of the image. Day: light blue, night: dark blue (plus pixel noise). The sky is the
-  only thing in the image that tells the kinds apart.
+- Sky, class 1: the top quarter of the image; light blue by day, dark blue by night (plus pixel noise). The sky is
+  the only thing that tells the kinds apart.
 - Ground, class 0: everything else; grey with a random tint and pixel noise, the same distribution in both kinds.
 - 1 to 3 "vehicles": rectangles (side size/8 .. size/4) with the same orange/white checker texture in both kinds,
-  placed in the lower part of the image, at least size/8 rows below the sky. A vehicle is a boat, class 2, in a day
-  scene and a car, class 3, in a night scene: the same local pattern is one class or the other depending on the sky,
-  far away. This is the situation the pyramid pooling module exists for (its 1x1 level sees the whole image).
+  in the lower half of the image (at least size/4 rows below the sky). A vehicle is a boat, class 2, in a day scene
+  and a car, class 3, in a night scene: the same local pattern is one class or the other depending on the sky, 32
+  to 96 pixels away at the default size 128 (4 to 12 cells of the stride-8 feature map). This is the situation the
+  pyramid pooling module exists for: its 1x1 level averages the whole map, so the sky's colour reaches every
+  vehicle directly; without it, the information has to travel through a chain of convolutions.
 - 0 to 2 "bushes", class 4: green rectangles, the same in both kinds (a class that local appearance decides).
 - A one-pixel outline around every object is labelled 255 (ignore), as VOC's boundaries are.
 
@@ -36,7 +38,7 @@ class SyntheticScenes:
     classes = CLASSES
     palette = PALETTE
 
-    def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train"):
+    def __init__(self, n: int, size: int = 128, seed: int = 0, split: str = "train"):
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         if size < 32:
@@ -60,11 +62,10 @@ class SyntheticScenes:
         img = np.empty((s, s, 3), np.float32)
         lbl = np.zeros((s, s), np.uint8)
         sky_h = s // 4
-        tint = rng.uniform(-25, 25, 3)
-        img[:] = 120 + tint
+        img[:] = 120 + rng.uniform(-25, 25, 3)
         img[:sky_h] = (150, 200, 240) if kind == 0 else (20, 30, 80)
         lbl[:sky_h] = 1
-        top = sky_h + s // 8
+        top = s // 2
         checker = ((np.arange(s)[:, None] // 3 + np.arange(s)[None, :] // 3) % 2).astype(bool)
         objects = [("vehicle", 2 + kind)] * int(rng.integers(1, 4)) + [("bush", 4)] * int(rng.integers(0, 3))
         for j in rng.permutation(len(objects)):
