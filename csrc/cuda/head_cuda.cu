@@ -73,6 +73,7 @@ struct HeadParams {
   int64_t off_v;       // dynamic shared memory byte offsets
   int64_t off_tab;
   int64_t off_col;
+  int64_t GS;          // backward: row stride (elements) of the staged grad band
   int64_t total;       // direct kernels: number of output elements
 };
 
@@ -139,6 +140,13 @@ void allow_smem(Kernel kernel, int64_t bytes) {
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Rows per band: at most rmax, the bands as even as their count allows (90 rows in 85 + 5 would run a second,
+// nearly empty band; 45 + 45 costs the same shared memory and half the idle threads in the last one).
+int64_t even_bands(int64_t H, int64_t rmax) {
+  const int64_t bands = ceil_div(H, std::max<int64_t>(rmax, 1));
+  return ceil_div(H, bands);
+}
 
 void fill_strides(HeadParams& p, const Tensor& t) {
   p.sN = t.stride(0);
@@ -245,13 +253,17 @@ __global__ void __launch_bounds__(kHeadThreads)
   for (int64_t y0 = 0; y0 < H; y0 += RB) {
     const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
     __syncthreads();  // q staged; the previous band's readers are done with V
-    // (1) Vertical pass.
-    const int64_t items = p.K * rb * OC;
+    // (1) Vertical pass; row K of V is zero (the column taps outside the image point there).
+    const int64_t items = (p.K + 1) * rb * OC;
     for (int64_t it = tid; it < items; it += nt) {
       const int64_t r = div_nn(it, OC);
       const int cc = static_cast<int>(it - r * OC);
       const int64_t k = div_nn(r, rb);
       const int yl = static_cast<int>(r - k * rb);
+      if (k == p.K) {
+        V[(k * RB + yl) * OC + cc] = Pair<acc_t>{0, 0};
+        continue;
+      }
       const int l = level_of(p.lv.boff, L, div_nn(k, 3));  // k / 3 < boff[l + 1] iff k < 3 boff[l + 1]
       const int64_t b = p.lv.bins[l];
       const int64_t kk = k - 3 * p.lv.boff[l];
@@ -297,7 +309,8 @@ __global__ void __launch_bounds__(kHeadThreads)
     // (2) Horizontal pass and the epilogue.
     if (!active) continue;
     for (int64_t x = tx; x < W; x += p.TX) {
-      int64_t cj[LMAX * 3];  // V row index k of the left tap j0, or -1 when xs is outside the image
+      // Per (level, dx): index of V row k (left tap j0; the zero row K when xs is outside the image) at yl = 0.
+      int cj[LMAX * 3];
       acc_t cw0[LMAX * 3], cw1[LMAX * 3];
 #pragma unroll
       for (int l = 0; l < LMAX; ++l) {
@@ -310,11 +323,11 @@ __global__ void __launch_bounds__(kHeadThreads)
             if (xs >= 0 && xs < W) {
               const LinearTap<acc_t> tw = linear_tap<acc_t>(sw, xs, b, W, p.align);
               // The pair at tw.i0 holds (V[tw.i0], V[tw.i1]): the same rule picks j1 in the vertical pass.
-              cj[3 * l + dx] = 3 * p.lv.boff[l] + dx * b + tw.i0;
+              cj[3 * l + dx] = static_cast<int>((3 * p.lv.boff[l] + dx * b + tw.i0) * RB * OC + c);
               cw0[3 * l + dx] = tw.l0;
               cw1[3 * l + dx] = tw.l1;
             } else {
-              cj[3 * l + dx] = -1;
+              cj[3 * l + dx] = static_cast<int>(p.K * RB * OC + c);
               cw0[3 * l + dx] = cw1[3 * l + dx] = 0;
             }
           }
@@ -327,11 +340,10 @@ __global__ void __launch_bounds__(kHeadThreads)
           if (l < L) {
 #pragma unroll
             for (int dx = 0; dx < 3; ++dx) {
-              const int64_t k = cj[3 * l + dx];
-              if (k >= 0) {
-                const Pair<acc_t> v = V[(k * RB + yl) * OC + c];
-                ctx += cw0[3 * l + dx] * v.a + cw1[3 * l + dx] * v.b;
-              }
+              // Shared-memory indices fit int (the plan keeps V under the opt-in limit).
+              const Pair<acc_t> v = V[cj[3 * l + dx] + yl * OC];
+              ctx = fused_mul_add(cw0[3 * l + dx], v.a, ctx);
+              ctx = fused_mul_add(cw1[3 * l + dx], v.b, ctx);
             }
           }
         }
@@ -409,9 +421,9 @@ int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t optin) {
       for (int64_t oc = oc0; oc >= 1; oc /= 2) {
         const int64_t ocp = oc > 1 ? oc + 1 : 1;
         const int64_t fixed = stage ? align16(9 * p.S * ocp * asz) : 0;
-        const int64_t per_row = p.K * oc * 2 * asz;
+        const int64_t per_row = (p.K + 1) * oc * 2 * asz;  // V rows 0..K, K the zero row
         if (fixed + per_row > budget) continue;
-        const int64_t rb = std::min<int64_t>(p.H, (budget - fixed) / per_row);
+        const int64_t rb = even_bands(p.H, (budget - fixed) / per_row);
         p.stage_q = stage;
         p.OC = static_cast<int>(oc);
         p.OCP = static_cast<int>(ocp);
@@ -534,11 +546,10 @@ __global__ void __launch_bounds__(kHeadThreads)
   int* tab = reinterpret_cast<int*>(smem + p.off_tab);
   acc_t* gs = reinterpret_cast<acc_t*>(smem);
   acc_t* G = reinterpret_cast<acc_t*>(smem + p.off_v);
-  // Column table, entry l W + xs: taps ci0 / ci1 and weights cl0 / cl1 of column xs of level l.
-  int* ci0 = reinterpret_cast<int*>(smem + p.off_col);
-  int* ci1 = ci0 + p.lv.num * p.W;
-  acc_t* cl0 = reinterpret_cast<acc_t*>(smem + p.off_col + align16(2 * p.lv.num * p.W * 4));
-  acc_t* cl1 = cl0 + p.lv.num * p.W;
+  // Column table, entry l W + xs: colA = the weight of column xs on its left tap i0 (l0, plus l1 when i1 == i0),
+  // colB = its weight on the right tap i1 (l1).
+  acc_t* colA = reinterpret_cast<acc_t*>(smem + p.off_col);
+  acc_t* colB = colA + p.lv.num * p.W;
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
@@ -553,15 +564,23 @@ __global__ void __launch_bounds__(kHeadThreads)
   acc_t* on = out + (n * p.O + c0) * qplane;  // channel c0 + c: on[c * 9S + t * S + s]
   const scalar_t* gn = g + n * p.sN + c0 * p.sC;
 
-  for (int64_t it = tid; it < 4 * sumb; it += nt) {
-    const int64_t part = div_nn(it, sumb);  // 0 rlo, 1 rhi, 2 clo, 3 chi
+  // Per source row i (column j) of every level, the destinations whose taps reach it: rows [rlo, rhi), columns
+  // [clo, chi), of which [clo, cmid) reach j as their right tap only (i0 = j - 1) and [cmid, chi) as their left tap.
+  for (int64_t it = tid; it < 5 * sumb; it += nt) {
+    const int64_t part = div_nn(it, sumb);  // 0 rlo, 1 rhi, 2 clo, 3 cmid, 4 chi
     const int64_t bi = it - part * sumb;
     const int l = level_of(p.lv.boff, L, bi);
     const int64_t b = p.lv.bins[l];
-    const bool col = part >= 2;
-    const int64_t ext = col ? W : H;
-    tab[it] = static_cast<int>(tap_bound<acc_t>(linear_scale<acc_t>(b, ext, p.align), bi - p.lv.boff[l], b, ext,
-                                                p.align, (part & 1) != 0));
+    const int64_t i = bi - p.lv.boff[l];
+    const int64_t ext = part >= 2 ? W : H;
+    const acc_t sc = linear_scale<acc_t>(b, ext, p.align);
+    int64_t v;
+    if (part == 3) {
+      v = i == 0 ? 0 : tap_bound<acc_t>(sc, i - 1, b, ext, p.align, true);  // first xs with i0 >= j
+    } else {
+      v = tap_bound<acc_t>(sc, i, b, ext, p.align, part == 1 || part == 4);
+    }
+    tab[it] = static_cast<int>(v);
   }
   if (p.col_table) {
     for (int64_t it = tid; it < L * W; it += nt) {
@@ -569,16 +588,15 @@ __global__ void __launch_bounds__(kHeadThreads)
       const int64_t xs = it - l * W;
       const int64_t b = p.lv.bins[l];
       const LinearTap<acc_t> tw = linear_tap<acc_t>(linear_scale<acc_t>(b, W, p.align), xs, b, W, p.align);
-      ci0[it] = static_cast<int>(tw.i0);
-      ci1[it] = static_cast<int>(tw.i1);
-      cl0[it] = tw.l0;
-      cl1[it] = tw.l1;
+      colA[it] = tw.i1 == tw.i0 ? tw.l0 + tw.l1 : tw.l0;  // tap_weight's sum when the taps coincide
+      colB[it] = tw.l1;
     }
   }
   const int* rlo = tab;
   const int* rhi = tab + sumb;
   const int* clo = tab + 2 * sumb;
-  const int* chi = tab + 3 * sumb;
+  const int* cmid = tab + 3 * sumb;
+  const int* chi = tab + 4 * sumb;
 
   for (int64_t y0 = 0; y0 < H; y0 += RB) {
     const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
@@ -596,7 +614,7 @@ __global__ void __launch_bounds__(kHeadThreads)
       }
       const int64_t yl = div_nn(pix, W);
       const int64_t x = pix - yl * W;
-      gs[pix * OCP + c] = c < oc ? static_cast<acc_t>(gn[c * p.sC + (y0 + yl) * p.sH + x * p.sW])
+      gs[yl * p.GS + x * OCP + c] = c < oc ? static_cast<acc_t>(gn[c * p.sC + (y0 + yl) * p.sH + x * p.sW])
                                  : static_cast<acc_t>(0);
     }
     __syncthreads();
@@ -613,19 +631,18 @@ __global__ void __launch_bounds__(kHeadThreads)
       const int64_t dx = div_nn(kk, b);
       const int64_t j = kk - dx * b;
       const int64_t bj = p.lv.boff[l] + j;
-      // Columns x with xs = x + dx - 1 in [clo, chi) and x in [0, W).
+      // Columns x with xs = x + dx - 1 in [clo, chi) and x in [0, W), in x order.
       const int64_t xa = max(static_cast<int64_t>(clo[bj]) + 1 - dx, int64_t{0});
       const int64_t xb = min(static_cast<int64_t>(chi[bj]) + 1 - dx, W);
-      const acc_t* row = gs + static_cast<int64_t>(yl) * W * OCP + cc;
+      const acc_t* row = gs + static_cast<int64_t>(yl) * p.GS + cc;
       acc_t s = 0;
       if (p.col_table) {
-        const int64_t lw = static_cast<int64_t>(l) * W;
-        for (int64_t x = xa; x < xb; ++x) {
-          const int64_t e = lw + x + dx - 1;
-          acc_t w = ci0[e] == j ? cl0[e] : static_cast<acc_t>(0);
-          w = ci1[e] == j ? w + cl1[e] : w;
-          s += w * row[x * OCP];
-        }
+        // Shared-memory indices fit int. Right-tap columns first (weight colB), then left-tap ones (colA).
+        const int xm = static_cast<int>(min(max(static_cast<int64_t>(cmid[bj]) + 1 - dx, xa), xb));
+        const int ocp = OCP;
+        const int e0 = l * static_cast<int>(W) + static_cast<int>(dx) - 1;  // column x's entry: e0 + x >= 0
+        for (int x = static_cast<int>(xa); x < xm; ++x) s = fused_mul_add(colB[e0 + x], row[x * ocp], s);
+        for (int x = xm; x < static_cast<int>(xb); ++x) s = fused_mul_add(colA[e0 + x], row[x * ocp], s);
       } else {
         const acc_t sw = linear_scale<acc_t>(b, W, p.align);
         for (int64_t x = xa; x < xb; ++x) {
@@ -722,21 +739,23 @@ int64_t plan_backward(HeadParams& p, bool cl, int64_t asz, int64_t optin) {
     while (oc0 < p.O && oc0 < kMaxChunk) oc0 *= 2;
   }
   const int64_t L = p.lv.num;
-  const int64_t tab_b = align16(4 * p.lv.boff[L] * 4);
-  const int64_t col_b = align16(2 * L * p.W * 4) + align16(2 * L * p.W * asz);
+  const int64_t tab_b = align16(5 * p.lv.boff[L] * 4);
+  const int64_t col_b = align16(2 * L * p.W * asz);
   for (const int64_t budget : {std::min(kDefaultSmem, optin), optin}) {
     for (const bool col : {true, false}) {
       for (int64_t oc = oc0; oc >= 1; oc /= 2) {
         const int64_t ocp = oc > 1 ? oc + 1 : 1;
         const int64_t fixed = tab_b + (col ? col_b : 0);
         // Per row of a band: the staged grad row and the K entries of G.
-        const int64_t per_row_gs = p.W * ocp * asz;
+        const int64_t gs_stride = oc > 1 ? p.W * ocp : (p.W | 1);  // odd: rows of a warp's items in distinct banks
+        const int64_t per_row_gs = gs_stride * asz;
         const int64_t per_row_g = p.K * oc * asz;
         const int64_t need1 = fixed + align16(per_row_gs) + align16(per_row_g);
         if (need1 > budget) continue;
-        int64_t rb = std::min<int64_t>(p.H, (budget - fixed - 32) / (per_row_gs + per_row_g));
-        rb = std::max<int64_t>(rb, 1);
+        const int64_t rmax = std::max<int64_t>(1, (budget - fixed - 32) / (per_row_gs + per_row_g));
+        const int64_t rb = even_bands(p.H, rmax);
         p.col_table = col;
+        p.GS = gs_stride;
         p.OC = static_cast<int>(oc);
         p.OCP = static_cast<int>(ocp);
         p.RB = static_cast<int>(rb);
