@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -64,6 +65,7 @@ struct HeadParams {
   bool align;
   bool relu, affine;   // epilogue only
   bool stage_q;        // epilogue: q of the block's channels staged in shared memory (else read from global)
+  bool stage_z;        // epilogue: each band of z staged in shared memory (many loads in flight; else per output)
   bool col_table;      // backward: column taps of every level in a shared-memory table (else computed per use)
   int OC;              // channels per block (1 for NCHW)
   int OCP;             // padded channel stride of staged q / staged grad (OC + 1 when OC > 1: no bank conflicts)
@@ -71,6 +73,7 @@ struct HeadParams {
   int RB;              // rows per band
   int TX, TY;          // epilogue output phase: blockDim = OC * TX * TY, thread (c, tx, ty) with c fastest
   int64_t off_v;       // dynamic shared memory byte offsets
+  int64_t off_z;
   int64_t off_tab;
   int64_t off_col;
   int64_t GS;          // backward: row stride (elements) of the staged grad band
@@ -200,13 +203,44 @@ __device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bo
   return lo;
 }
 
+// Copies n contiguous elements global -> shared (dst 16-byte aligned) with 16-byte loads after peeling src to
+// alignment, several loads in flight per thread (as ppm_cuda.cu's stage_contiguous).
+template <typename T>
+__device__ __forceinline__ void stage_contiguous(const T* __restrict__ src, T* __restrict__ dst, int n, int tid,
+                                                 int nt) {
+  constexpr int V = 16 / sizeof(T);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  int head = static_cast<int>(((16 - (a & 15)) & 15) / sizeof(T));
+  head = head < n ? head : n;
+  for (int i = tid; i < head; i += nt) dst[i] = src[i];
+  const int nv = (n - head) / V;
+  const uint4* vs = reinterpret_cast<const uint4*>(src + head);
+  if (head == 0) {
+    uint4* vd = reinterpret_cast<uint4*>(dst);
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) {
+      const uint4 v = __ldg(vs + i);
+      T e[V];
+      memcpy(e, &v, 16);
+#pragma unroll
+      for (int k = 0; k < V; ++k) dst[head + i * V + k] = e[k];
+    }
+  }
+  for (int i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // head_epilogue
 // ------------------------------------------------------------------------------------------------------------------
 
 // z, out: element (n, c, y, x) at n sN + c sC + y sH + x sW; q (N, O, 9, S), scale / shift (O) contiguous, acc_t.
 // One block per (n, chunk of OC channels); it stages its channels' q (qs[(t S + s) OCP + c]) once, then for each
-// band of RB rows: (1) V[(k RB + yl) OC + c] = (V_k(y), V_k1(y)) pairs, items (c, yl, k) with c fastest; (2) every
+// band of RB rows: (0) the band of z is copied to shared memory (zs[(yl W + x) OC + c], memory order; NCHW: one
+// contiguous run, 16-byte loads), so that the block has many loads in flight at once instead of one per thread and
+// output; (1) V[(k RB + yl) OC + c] = (V_k(y), V_k1(y)) pairs, items (c, yl, k) with c fastest; (2) every
 // thread (c, tx, ty) takes the columns x = tx + m TX with their 3 L column taps in registers and, for each, the rows
 // yl = ty + m' TY of the band: one shared-memory pair per (level, dx), read coalesced / conflict free (consecutive
 // threads: consecutive channels, or consecutive columns when OC = 1).
@@ -218,6 +252,7 @@ __global__ void __launch_bounds__(kHeadThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* qs = reinterpret_cast<acc_t*>(smem);
   Pair<acc_t>* V = reinterpret_cast<Pair<acc_t>*>(smem + p.off_v);
+  scalar_t* zs = reinterpret_cast<scalar_t*>(smem + p.off_z);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
@@ -252,7 +287,24 @@ __global__ void __launch_bounds__(kHeadThreads)
 
   for (int64_t y0 = 0; y0 < H; y0 += RB) {
     const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
-    __syncthreads();  // q staged; the previous band's readers are done with V
+    __syncthreads();  // q staged; the previous band's readers are done with V and zs
+    // (0) The band of z; its loads are in flight while the vertical pass runs.
+    if (p.stage_z) {
+      const scalar_t* zb = z + n * p.sN + c0 * p.sC + y0 * p.sH;
+      if (OC == 1 && p.sW == 1 && p.sH == W) {  // NCHW: rows y0 .. y0 + rb of one plane, contiguous
+        stage_contiguous(zb, zs, static_cast<int>(rb * W), tid, nt);
+      } else {  // channels_last: per pixel a run of oc channels (OC may be 1 under a small shared-memory limit)
+        const int band = static_cast<int>(rb * W * OC);
+#pragma unroll 4
+        for (int it = tid; it < band; it += nt) {
+          const int pix = it / OC;
+          const int cc = it - pix * OC;
+          const int yl = pix / static_cast<int>(W);
+          const int x = pix - yl * static_cast<int>(W);
+          zs[it] = cc < oc ? zb[cc * p.sC + yl * p.sH + x * p.sW] : static_cast<scalar_t>(0);
+        }
+      }
+    }
     // (1) Vertical pass; row K of V is zero (the column taps outside the image point there).
     const int64_t items = (p.K + 1) * rb * OC;
     for (int64_t it = tid; it < items; it += nt) {
@@ -348,7 +400,8 @@ __global__ void __launch_bounds__(kHeadThreads)
           }
         }
         const int64_t e = n * p.sN + ch * p.sC + (y0 + yl) * p.sH + x * p.sW;
-        acc_t v = static_cast<acc_t>(z[e]) + ctx;
+        const scalar_t zv = p.stage_z ? zs[(yl * static_cast<int>(W) + static_cast<int>(x)) * OC + c] : z[e];
+        acc_t v = static_cast<acc_t>(zv) + ctx;
         if (p.affine) v = v * sc + sf;
         if (p.relu) v = relu_nan(v);
         out[e] = static_cast<scalar_t>(v);
@@ -408,31 +461,38 @@ __global__ void __launch_bounds__(kDirectThreads)
   }
 }
 
-// Picks OC, RB and q staging so that shared memory fits: first under the default 48 KiB (more resident blocks), then
-// up to the opt-in limit; channels_last halves its channel chunk before giving up staging q. Returns the bytes, or
-// -1 when no staged plan fits (the direct kernel runs).
-int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t optin) {
+// Picks OC, RB and what to stage so that shared memory fits: first under the default 48 KiB (more resident blocks),
+// then up to the opt-in limit; z bands are given up last (large W), q before them, and channels_last halves its
+// channel chunk before giving up either. Returns the bytes, or -1 when no staged plan fits (the direct kernel runs).
+int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t esz, int64_t optin) {
   int64_t oc0 = 1;
   if (cl) {
     while (oc0 < p.O && oc0 < kMaxChunk) oc0 *= 2;
   }
   for (const int64_t budget : {std::min(kDefaultSmem, optin), optin}) {
-    for (const bool stage : {true, false}) {
-      for (int64_t oc = oc0; oc >= 1; oc /= 2) {
-        const int64_t ocp = oc > 1 ? oc + 1 : 1;
-        const int64_t fixed = stage ? align16(9 * p.S * ocp * asz) : 0;
-        const int64_t per_row = (p.K + 1) * oc * 2 * asz;  // V rows 0..K, K the zero row
-        if (fixed + per_row > budget) continue;
-        const int64_t rb = even_bands(p.H, (budget - fixed) / per_row);
-        p.stage_q = stage;
-        p.OC = static_cast<int>(oc);
-        p.OCP = static_cast<int>(ocp);
-        p.RB = static_cast<int>(rb);
-        p.off_v = fixed;
-        const int64_t tx = std::min<int64_t>(p.W, kHeadThreads / oc);
-        p.TX = static_cast<int>(tx);
-        p.TY = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rb, kHeadThreads / (oc * tx))));
-        return fixed + rb * per_row;
+    for (const bool stage_z : {true, false}) {
+      for (const bool stage_q : {true, false}) {
+        for (int64_t oc = oc0; oc >= 1; oc /= 2) {
+          const int64_t ocp = oc > 1 ? oc + 1 : 1;
+          const int64_t fixed = stage_q ? align16(9 * p.S * ocp * asz) : 0;
+          const int64_t v_row = (p.K + 1) * oc * 2 * asz;  // V rows 0..K, K the zero row
+          const int64_t z_row = stage_z ? p.W * oc * esz : 0;
+          if (fixed + v_row + z_row + 16 > budget) continue;
+          const int64_t rb = even_bands(p.H, (budget - fixed - 16) / (v_row + z_row));
+          // Shared-memory element indices are int in the kernel.
+          if (rb * (v_row + z_row) > std::numeric_limits<int32_t>::max() / 2) continue;
+          p.stage_q = stage_q;
+          p.stage_z = stage_z;
+          p.OC = static_cast<int>(oc);
+          p.OCP = static_cast<int>(ocp);
+          p.RB = static_cast<int>(rb);
+          p.off_v = fixed;
+          p.off_z = align16(fixed + rb * v_row);
+          const int64_t tx = std::min<int64_t>(p.W, kHeadThreads / oc);
+          p.TX = static_cast<int>(tx);
+          p.TY = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rb, kHeadThreads / (oc * tx))));
+          return p.off_z + rb * z_row;
+        }
       }
     }
   }
@@ -450,7 +510,7 @@ void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, cons
   const acc_t* scp = p.affine ? scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t* shp = p.affine ? shift.const_data_ptr<acc_t>() : nullptr;
   scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-  const int64_t smem = plan_epilogue(p, cl, sizeof(acc_t), head_smem_optin());
+  const int64_t smem = plan_epilogue(p, cl, sizeof(acc_t), sizeof(scalar_t), head_smem_optin());
   if (smem < 0) {
     p.total = p.N * p.O * p.H * p.W;
     const int64_t blocks = std::min<int64_t>(ceil_div(p.total, kDirectThreads), int64_t{1} << 20);
