@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kHeadThreads)
   for (int64_t y0 = 0; y0 < H; y0 += RB) {
     const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
     __syncthreads();  // q staged; the previous band's readers are done with V and zs
-    // (0) The band of z; its loads are in flight while the vertical pass runs.
+    // (0) The band of z, several loads in flight per thread (read once, in memory order).
     if (p.stage_z) {
       const scalar_t* zb = z + n * p.sN + c0 * p.sC + y0 * p.sH;
       if (OC == 1 && p.sW == 1 && p.sH == W) {  // NCHW: rows y0 .. y0 + rb of one plane, contiguous
@@ -592,10 +592,10 @@ Tensor head_epilogue_cuda(const Tensor& z_in, const Tensor& q_in, at::IntArrayRe
 // ------------------------------------------------------------------------------------------------------------------
 
 // grad: element (n, c, y, x) at n sN + c sC + y sH + x sW (contiguous or channels_last); out (N, O, 9, S) contiguous.
-// One block per (n, chunk of OC channels). Shared memory: tab (rlo | rhi | clo | chi, sum(bins) ints each: the
-// destination ranges [lo, hi) whose taps reach each source row / column of each level), an optional column-tap table
-// (per level and column xs: i0, i1, l0, l1), then per band of RB rows the band of grad (gs[(yl W + x) OCP + c], in
-// acc_t) and G[(k RB + yl) OC + c]:
+// One block per (n, chunk of OC channels). Shared memory: per band of RB rows the band of grad (gs[yl GS + x OCP + c],
+// in acc_t) and G[(k RB + yl) OC + c]; tab (rlo | rhi | clo | cmid | chi, sum(bins) ints each: the destination ranges
+// whose taps reach each source row / column of each level); an optional column table (per level and column xs: its
+// weight on its left tap and on its right tap), without which the weights are computed per use:
 //   (1) G items (c, yl, k), c fastest: sum over the columns x whose tap xs = x + dx - 1 reaches j, in x order;
 //   (2) output items (c, t, s): sum over the band's rows whose tap ys = y + dy - 1 reaches i, in y order; the first
 //       band assigns, later bands add (the same thread owns the same items in every band: a fixed order).
