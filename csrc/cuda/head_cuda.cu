@@ -66,6 +66,7 @@ struct HeadParams {
   bool relu, affine;   // epilogue only
   bool stage_q;        // epilogue: q of the block's channels staged in shared memory (else read from global)
   bool stage_z;        // epilogue: each band of z staged in shared memory (many loads in flight; else per output)
+  bool ctab;           // epilogue: column taps from a shared-memory table (channels_last) instead of registers
   bool col_table;      // backward: column taps of every level in a shared-memory table (else computed per use)
   int OC;              // channels per block (1 for NCHW)
   int OCP;             // padded channel stride of staged q / staged grad (OC + 1 when OC > 1: no bank conflicts)
@@ -74,10 +75,19 @@ struct HeadParams {
   int TX, TY;          // epilogue output phase: blockDim = OC * TX * TY, thread (c, tx, ty) with c fastest
   int64_t off_v;       // dynamic shared memory byte offsets
   int64_t off_z;
+  int64_t off_ctab;
   int64_t off_tab;
   int64_t off_col;
   int64_t GS;          // backward: row stride (elements) of the staged grad band
   int64_t total;       // direct kernels: number of output elements
+};
+
+// channels_last epilogue: the column taps of level l at xs (entry l (W + 2) + xs + 1; xs = -1 and W are the zero
+// row's): V row k of the left tap, the two weights. One 16-byte (float) shared-memory load, a broadcast to the warp.
+template <typename T>
+struct alignas(16) ColTap {
+  T w0, w1;
+  int k;
 };
 
 template <typename T>
@@ -253,6 +263,7 @@ __global__ void __launch_bounds__(kHeadThreads)
   acc_t* qs = reinterpret_cast<acc_t*>(smem);
   Pair<acc_t>* V = reinterpret_cast<Pair<acc_t>*>(smem + p.off_v);
   scalar_t* zs = reinterpret_cast<scalar_t*>(smem + p.off_z);
+  ColTap<acc_t>* ctab = reinterpret_cast<ColTap<acc_t>*>(smem + p.off_ctab);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
@@ -272,6 +283,26 @@ __global__ void __launch_bounds__(kHeadThreads)
       const int64_t c = div_nn(e, qplane);
       const int64_t ts = e - c * qplane;
       qs[ts * OCP + c] = c < oc ? qn[e] : static_cast<acc_t>(0);
+    }
+  }
+
+  if (p.ctab) {
+    const int64_t W2 = W + 2;
+    for (int64_t it = tid; it < L * W2; it += nt) {
+      const int l = static_cast<int>(div_nn(it, W2));
+      const int64_t xs = it - l * W2 - 1;
+      const int64_t b = p.lv.bins[l];
+      ColTap<acc_t> e;
+      if (xs >= 0 && xs < W) {
+        const LinearTap<acc_t> tw = linear_tap<acc_t>(linear_scale<acc_t>(b, W, p.align), xs, b, W, p.align);
+        e.w0 = tw.l0;
+        e.w1 = tw.l1;
+        e.k = static_cast<int>(3 * p.lv.boff[l] + tw.i0);  // + dx * b at the use
+      } else {
+        e.w0 = e.w1 = 0;
+        e.k = -1;  // the zero row K at the use
+      }
+      ctab[it] = e;
     }
   }
 
@@ -360,6 +391,34 @@ __global__ void __launch_bounds__(kHeadThreads)
     __syncthreads();
     // (2) Horizontal pass and the epilogue.
     if (!active) continue;
+    if (p.ctab) {
+      // channels_last: the warp's lanes are channels of one pixel, so the table reads are broadcasts.
+      const int W2 = static_cast<int>(W) + 2;
+      const int K = static_cast<int>(p.K);
+      for (int x = tx; x < static_cast<int>(W); x += p.TX) {
+        for (int yl = ty; yl < rb; yl += p.TY) {
+          acc_t ctx = 0;
+          for (int l = 0; l < L; ++l) {
+            const int b = static_cast<int>(p.lv.bins[l]);
+#pragma unroll
+            for (int dx = 0; dx < 3; ++dx) {
+              const ColTap<acc_t> e = ctab[l * W2 + x + dx];  // xs + 1 = x + dx
+              const int k = e.k < 0 ? K : e.k + dx * b;
+              const Pair<acc_t> v = V[(k * RB + yl) * OC + c];
+              ctx = fused_mul_add(e.w0, v.a, ctx);
+              ctx = fused_mul_add(e.w1, v.b, ctx);
+            }
+          }
+          const int64_t ge = n * p.sN + ch * p.sC + (y0 + yl) * p.sH + x * p.sW;
+          const scalar_t zv = p.stage_z ? zs[(yl * static_cast<int>(W) + x) * OC + c] : z[ge];
+          acc_t v = static_cast<acc_t>(zv) + ctx;
+          if (p.affine) v = v * sc + sf;
+          if (p.relu) v = relu_nan(v);
+          out[ge] = static_cast<scalar_t>(v);
+        }
+      }
+      continue;
+    }
     for (int64_t x = tx; x < W; x += p.TX) {
       // Per (level, dx): index of V row k (left tap j0; the zero row K when xs is outside the image) at yl = 0.
       int cj[LMAX * 3];
@@ -469,12 +528,16 @@ int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t esz, int64_t 
   if (cl) {
     while (oc0 < p.O && oc0 < kMaxChunk) oc0 *= 2;
   }
+  const int64_t tap_sz = asz == 8 ? sizeof(ColTap<double>) : sizeof(ColTap<float>);
+  const int64_t ctab_b = align16(p.lv.num * (p.W + 2) * tap_sz);
   for (const int64_t budget : {std::min(kDefaultSmem, optin), optin}) {
     for (const bool stage_z : {true, false}) {
       for (const bool stage_q : {true, false}) {
         for (int64_t oc = oc0; oc >= 1; oc /= 2) {
           const int64_t ocp = oc > 1 ? oc + 1 : 1;
-          const int64_t fixed = stage_q ? align16(9 * p.S * ocp * asz) : 0;
+          const bool ctab = oc > 1 && ctab_b <= budget / 4;  // channels_last only, and only while it is small
+          const int64_t q_b = stage_q ? align16(9 * p.S * ocp * asz) : 0;
+          const int64_t fixed = q_b + (ctab ? ctab_b : 0);
           const int64_t v_row = (p.K + 1) * oc * 2 * asz;  // V rows 0..K, K the zero row
           const int64_t z_row = stage_z ? p.W * oc * esz : 0;
           if (fixed + v_row + z_row + 16 > budget) continue;
@@ -483,6 +546,8 @@ int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t esz, int64_t 
           if (rb * (v_row + z_row) > std::numeric_limits<int32_t>::max() / 2) continue;
           p.stage_q = stage_q;
           p.stage_z = stage_z;
+          p.ctab = ctab;
+          p.off_ctab = q_b;
           p.OC = static_cast<int>(oc);
           p.OCP = static_cast<int>(ocp);
           p.RB = static_cast<int>(rb);
