@@ -11,14 +11,18 @@
 //   V_l[dx][y][j]  = sum_dy sum_i Ah_l(y + dy - 1, i) q[3 dy + dx][off_l + i b + j]          (vertical pass)
 //   context(y, x)  = sum_l sum_dx sum_j Aw_l(x + dx - 1, j) V_l[dx][y][j]                      (horizontal pass)
 // The K = 3 * sum(bins) rows k = 3 boff_l + dx b + j of V do not depend on W, so a block keeps V for a band of rows
-// in shared memory whatever W is; each output then costs 2 * 3 * L shared-memory reads (one 8- or 16-byte pair
-// (V[j0], V[j1]) per level and dx) and as many multiply-adds, its column taps held in registers. The backward runs
+// in shared memory whatever W is; each output then costs 3 L shared-memory loads (one 8- or 16-byte pair
+// (V[j0], V[j1]) per level and dx) and 6 L multiply-adds, its column taps held in registers (NCHW) or read from a
+// small table with broadcast loads (channels_last, where a warp's lanes are channels of one pixel). The backward runs
 // the same two passes transposed: G_l[dx][y][j] = sum_x Aw_l(x + dx - 1, j) grad(y, x) per row (owner: one thread
 // per (dx, j, y)), then grad_q[3 dy + dx][off_l + i b + j] = sum_y Ah_l(y + dy - 1, i) G_l[dx][y][j] (owner: one
 // thread per output element, accumulated band after band in band order).
 //
-// Where even the smallest shared-memory plan does not fit (enormous bins or W), DIRECT kernels compute every output
-// element on its own from global memory: slow, but correct, bounded and deterministic.
+// Numerics: accumulation in float (double for double); the separable order rounds differently from the reference's
+// per-level, per-tap bilinear sums (float32: a few ulps of the sum of |terms|). Non-finite q: a NaN behind a zero
+// weight propagates as in PyTorch, but Inf times a zero weight gives NaN here where the reference's per-tap order
+// may keep Inf. Where even the smallest shared-memory plan does not fit (enormous bins or W), DIRECT kernels compute
+// every output element on its own from global memory: slow, but correct, bounded and deterministic.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
