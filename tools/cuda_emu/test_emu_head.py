@@ -242,6 +242,23 @@ run_case((1, 2, 3, 6), 60, 3, False, 1, 5, torch.float64, "cl", True, True)
 print("tall maps under 6000 B: max smem", smem_seen(), flush=True)
 E.emu_set_optin(227 * 1024)
 
+# NaN in q: the NaN pattern of float32 outputs must be PyTorch's (a NaN behind a zero bilinear weight propagates, as
+# in F.interpolate's float32 CPU kernel; its float64 kernel differs, see ppm_math.h), staged and direct kernels alike.
+for optin in (227 * 1024, 0):
+    E.emu_set_optin(optin)
+    for bins, (H, W), align in itertools.product([(1, 2, 3, 6), (2,), (3,)], [(3, 3), (5, 9), (6, 6)], [False, True]):
+        if QUICK and (H, W) == (3, 3):
+            continue
+        ncases += 1
+        S = sum(b * b for b in bins)
+        z = torch.randn(1, 3, H, W)
+        q = torch.randn(1, 3, 9, S)
+        q.view(-1)[::11] = float("nan")
+        compare(f"NaN in q, optin {optin}, bins={bins} {H}x{W} align={align}",
+                E.head_epilogue(z, q, list(bins), align, None, None, False),
+                ref.head_epilogue(z.double(), q.double(), bins, align).float(), torch.float32, ("fwd", "torch.float32"))
+E.emu_set_optin(227 * 1024)
+
 # Errors.
 def expect_error(fn, pattern):
     try:
