@@ -311,3 +311,31 @@ def test_argument_checks():
         ht.head_context_backward(z[0], bins, True)
     with pytest.raises(TypeError, match="float32, float64"):
         ht.head_context_backward(z.to(torch.int32), bins, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused head module on the Triton backend (all its ops in the interpreter) against the reference head
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_head_module_on_triton(train):
+    from pspnet_fast.head import PSPHead
+    from pspnet_fast.reference import PSPHead as RefHead
+
+    torch.manual_seed(0)
+    ref = RefHead(8, 3, (1, 2, 3), 2, 4, 0.0, False)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    ref.train(train)
+    fused = PSPHead.from_reference(ref, backend="triton")
+    x = torch.randn(2, 8, 5, 4)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    assert (out_f - out_r).abs().max().item() <= 1e-4 * out_r.abs().max().item()
+    out_r.sum().backward()
+    out_f.sum().backward()
+    assert (xf.grad - xr.grad).abs().max().item() <= 1e-4 * xr.grad.abs().max().item()
+    w_r, w_f = ref.cls[0].weight.grad, fused.cls[0].weight.grad
+    assert (w_f - w_r).abs().max().item() <= 1e-4 * w_r.abs().max().item()
