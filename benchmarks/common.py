@@ -122,7 +122,7 @@ class Case:
     output_names: list[str]
     must_move_bytes: int              # see must_move_bytes(); the roofline's numerator
     deep: bool                        # gradients or convolutions after the PPM: the looser float tolerance
-    oracle: Callable[[], list[torch.Tensor]] | None = None  # float64 truth, built for float16/bfloat16 only
+    oracle: Callable[[], list[torch.Tensor]] | None = None  # float64 truth (run for half types, or on disagreement)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # provider -> why it does not run here
     extra: dict = dataclasses.field(default_factory=dict)  # more JSON fields (e.g. the feature shape of pspnet)
 
@@ -262,16 +262,19 @@ def build_case(workload: str, shape: tuple[int, ...], dtype_name: str, device: s
                 providers=providers, output_names=["out", "x.grad"] if train else ["out"],
                 must_move_bytes=must_move_bytes(tensor_bytes(x), param_bytes(ref), out_bytes, train), deep=deep,
                 skipped=skipped, extra=dict(extra or {}))
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
         case.oracle = float64_oracle(ref, make_call, inputs)
     return case
 
 
 def float64_oracle(module: torch.nn.Module, make_call: Callable, inputs: Sequence[torch.Tensor]) -> Callable:
-    """The reference in float64 on the same inputs (a deep copy: the measured modules are untouched)."""
-    m64 = copy.deepcopy(module).double()
-    args = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
-    return make_call(m64, m64, *args)
+    """The reference in float64 on the same inputs (a deep copy: the measured modules are untouched), made when
+    first called (a float32 case calls it only when a provider disagrees with the eager reference)."""
+    def call():
+        m64 = copy.deepcopy(module).double()
+        args = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+        return make_call(m64, m64, *args)()
+    return call
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,7 +295,9 @@ def check_outputs(case: Case, got: list[torch.Tensor], expect: list[torch.Tensor
 
     float32/float64: wrong when |got - eager| exceeds float_tolerance. float16/bfloat16 (the house rule, STYLE.md
     habit 7): wrong when the error against the float64 oracle exceeds 2x the eager reference's own error against it
-    plus 1e-3 max|oracle|; comparing two half-precision results with each other would only measure rounding."""
+    plus 1e-3 max|oracle|; comparing two half-precision results with each other would only measure rounding. A
+    float32 case gets the oracle only once some provider is outside float_tolerance of the eager reference; then it
+    is wrong when its error against float64 exceeds 2x the eager's own plus float_tolerance."""
     dtype = DTYPES[case.dtype]
     errs, detail, wrong = {}, {}, False
     for name, a, e, o in zip(case.output_names, got, expect, oracle or [None] * len(got)):
@@ -303,11 +308,14 @@ def check_outputs(case: Case, got: list[torch.Tensor], expect: list[torch.Tensor
             continue
         err = (a.double() - e.double()).abs().max().item() if a.numel() else 0.0
         errs[name] = err
-        if dtype in (torch.float16, torch.bfloat16):
+        if o is not None:
             scale = o.abs().max().item()
             err64 = (a.double() - o).abs().max().item()
             ref64 = (e.double() - o).abs().max().item()
-            tol = 2 * ref64 + 1e-3 * scale
+            if dtype in (torch.float16, torch.bfloat16):
+                tol = 2 * ref64 + 1e-3 * scale
+            else:
+                tol = 2 * ref64 + float_tolerance(dtype, scale, case.deep)
             detail[name] = {"err_vs_fp64": err64, "reference_err_vs_fp64": ref64, "tolerance": tol}
             bad = not err64 <= tol  # `not <=` so NaN is wrong
         else:
@@ -431,7 +439,7 @@ def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable
         oracle = [t.detach().double() for t in case.oracle()]
 
     # 1. Correctness, on each provider's first call (the reference eager first: it is the comparison).
-    expect, results, failed, first_s = None, {}, {}, {}
+    expect, results, failed, first_s, kept = None, {}, {}, {}, {}
     for name, fn in case.providers.items():
         t0 = time.perf_counter()
         try:
@@ -448,6 +456,18 @@ def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable
             failed[name] = "the reference eager provider failed: nothing to compare with"
             continue
         results[name] = check_outputs(case, got, expect, oracle)
+        if results[name][2] and oracle is None and case.oracle is not None and dtype == torch.float32:
+            # Outside float32's tolerance around the eager reference, which may be the inexact one (its training
+            # backward through BatchNorm is 3e-3 relative off float64 at head-train 2x2048x30x30, the fused head's
+            # 1e-6): from here on every provider is judged against the float64 truth, as the half types are.
+            progress("float64 oracle (a provider disagrees with the eager reference) ...")
+            oracle = [t.detach().double() for t in case.oracle()]
+            for k, v in kept.items():
+                results[k] = check_outputs(case, v, expect, oracle)
+            results[name] = check_outputs(case, got, expect, oracle)
+            kept.clear()
+        if oracle is None and dtype == torch.float32 and case.oracle is not None:
+            kept[name] = got  # for a re-check against float64 should a later provider disagree
         del got
         what = "compiled and checked" if name == "torch.compile" else "checked"
         progress(f"{name}: {what} in {first_s[name]:.1f} s, max abs err {results[name][0]:.2e}"

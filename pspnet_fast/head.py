@@ -48,35 +48,41 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _split_weight(ppm: PyramidPooling, conv: nn.Conv2d, levels: torch.Tensor, conv_dtype: torch.dtype):
-    """W_X (O, C, 3, 3) in conv_dtype and q (N, O, 9, S) in levels' dtype (float32 or float64) from levels (N, R, S).
-
-    Differentiable (the training path builds its small graph with it). Without autograd the prepared weights (the
-    contiguous W_X and the (L, O*9, R) stack of the level weights, 9 + 9 * 4 MB for a 4096-channel head) are cached
-    on the conv until its weight changes."""
-    weight = conv.weight
-    C, R, L = ppm.in_channels, ppm.reduction_channels, len(ppm.bins)
+def _level_weight(weight: torch.Tensor, C: int, R: int, l: int, dtype: torch.dtype) -> torch.Tensor:
+    """(O * 9, R) in dtype: row o * 9 + t holds W_l[o, :, t // 3, t % 3], W_l the conv weight's input channels
+    [C + l * R, C + (l + 1) * R)."""
     O = weight.shape[0]
-    acc = levels.dtype
-    cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and weight.requires_grad)
-    key = (conv_dtype, acc, weight.data_ptr(), weight._version, weight.device)
+    return weight[:, C + l * R:C + (l + 1) * R].reshape(O, R, 9).transpose(1, 2).reshape(O * 9, R).to(dtype)
+
+
+def _head_weights(ppm: PyramidPooling, conv: nn.Conv2d, conv_dtype: torch.dtype, acc: torch.dtype):
+    """W_X (O, C, 3, 3) in conv_dtype and the level weights [(O * 9, R) per level] in acc. For inference they are
+    cached on the conv until its weight changes (the contiguous W_X and the level weights: 2 x 38 MB for a
+    4096-channel head), so that a forward copies neither again; with autograd on the weight (a traced training
+    graph) they are differentiable views and products of it, never cached."""
+    differentiable = torch.is_grad_enabled() and conv.weight.requires_grad
+    weight = conv.weight if differentiable else conv.weight.detach()
+    C, R = ppm.in_channels, ppm.reduction_channels
+    key = (conv_dtype, acc, weight.data_ptr(), conv.weight._version, weight.device)
+    cacheable = not torch.compiler.is_compiling() and not differentiable
     cached = conv.__dict__.get("_pspnet_fast_head_cache") if cacheable else None
     if cached is not None and cached[0] == key:
-        wx, wq = cached[1]
-    else:
-        wx = weight[:, :C].to(conv_dtype)
-        # (O, L*R, 3, 3) -> (L, O * 9, R): row o * 9 + t of level l holds W_l[o, :, t // 3, t % 3].
-        wq = weight[:, C:].reshape(O, L, R, 9).permute(1, 0, 3, 2).reshape(L, O * 9, R).to(acc)
-        if cacheable:
-            wx = wx.contiguous()
-            conv.__dict__["_pspnet_fast_head_cache"] = (key, (wx, wq))
+        return cached[1]
+    wx = weight[:, :C].to(conv_dtype).contiguous()
+    wq = [_level_weight(weight, C, R, l, acc) for l in range(len(ppm.bins))]
+    if cacheable:
+        conv.__dict__["_pspnet_fast_head_cache"] = (key, (wx, wq))
+    return wx, wq
+
+
+def _context_q(bins, level_weight, levels: torch.Tensor) -> torch.Tensor:
+    """q (N, O, 9, S): per level, level_weight(l) (O * 9, R) @ levels[:, :, level l] (N, R, b * b)."""
     n, S = levels.shape[0], levels.shape[2]
     parts, off = [], 0
-    for l, b in enumerate(ppm.bins):
-        parts.append(torch.matmul(wq[l], levels[:, :, off:off + b * b]))  # (N, O * 9, b * b)
+    for l, b in enumerate(bins):
+        parts.append(torch.matmul(level_weight(l), levels[:, :, off:off + b * b]))  # (N, O * 9, b * b)
         off += b * b
-    q = torch.cat(parts, 2).view(n, O, 9, S)
-    return wx, q
+    return torch.cat(parts, 2).view(n, -1, 9, S)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -100,7 +106,7 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
     if kernels.head_epilogue is None:
         return cls(ppm(x))
     conv, bn, act, drop, classifier = cls
-    params = [p for p in (*ppm.parameters(), conv.weight) if p.requires_grad]
+    params = [p for p in (*ppm.parameters(), conv.weight) if p.requires_grad]  # conv.weight last: see backward
     if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
         v = _FusedHeadFunction.apply(x, ppm, conv, kernels, *params)
         y = act(bn(v))
@@ -109,7 +115,9 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
         cdt = _conv_dtype(x)
         pooled = kernels.pyramid_pool(x, ppm.bins)
         with _no_autocast(x):
-            wx, q = _split_weight(ppm, conv, ppm._levels(kernels, pooled), cdt)
+            levels = ppm._levels(kernels, pooled)
+            wx, wq = _head_weights(ppm, conv, cdt, levels.dtype)
+            q = _context_q(ppm.bins, wq.__getitem__, levels)
             z = F.conv2d(x.to(cdt), wx, None, 1, 1)
             folded = _folded_bn(bn, q.dtype)
             if folded is not None:
@@ -122,11 +130,13 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
 class _FusedHeadFunction(torch.autograd.Function):
     """x -> conv3x3(x; W_X) + context(q) as one autograd node (the head's BatchNorm and ReLU follow as modules).
 
-    Forward: pyramid_pool, the small levels graph (1x1 convs, BatchNorm, ReLU) and q = W_l @ P_l kept with autograd,
-    the convolution over x, head_epilogue. Backward: head_context_backward gives grad_q, a convolution backward gives
-    grad_x and grad_W_X, autograd through the small graph gives grad_pooled and the parameters' gradients, and
-    pyramid_pool_backward writes grad_x = conv's grad_x + the spread of grad_pooled in one pass. Saved: x (in the
-    convolution's dtype) and the small graph; deterministic wherever the platform's convolution backward is."""
+    Forward: pyramid_pool; the small levels graph (1x1 convs, BatchNorm, ReLU) kept with autograd; q = W_l @ P_l and
+    the convolution over x without autograd; head_epilogue. Backward: head_context_backward gives grad_q; a
+    convolution backward gives grad_x and grad_W_X; two small products per level give grad_W_l and grad_P_l, and
+    autograd through the small levels graph grad_pooled and the PPM's parameter gradients; pyramid_pool_backward
+    writes grad_x = conv's grad_x + the spread of grad_pooled in one pass; the conv weight's gradient is assembled in
+    one tensor. Saved: x (in the convolution's dtype) and the small graph; deterministic wherever the platform's
+    convolution backward is."""
 
     @staticmethod
     def forward(ctx, x, ppm, conv, kernels, *params):
@@ -134,43 +144,65 @@ class _FusedHeadFunction(torch.autograd.Function):
         pooled = kernels.pyramid_pool(x, ppm.bins)
         with torch.enable_grad(), _no_autocast(x):
             p = pooled.detach().requires_grad_(x.requires_grad)
-            wx, q = _split_weight(ppm, conv, ppm._levels(kernels, p), cdt)
+            levels = ppm._levels(kernels, p)
         x_c = x.to(cdt)
         with torch.no_grad(), _no_autocast(x):
-            z = F.conv2d(x_c, wx.detach(), None, 1, 1)
-        v = kernels.head_epilogue(z, q.detach(), ppm.bins, ppm.align_corners, None, None, False)
+            # Nothing weight-sized is cached or kept in training (the weight changes every step): one level's weights
+            # at a time, and W_X as a view.
+            w = conv.weight.detach()
+            C, R = ppm.in_channels, ppm.reduction_channels
+            q = _context_q(ppm.bins, lambda l: _level_weight(w, C, R, l, levels.dtype), levels.detach())
+            z = F.conv2d(x_c, w[:, :C].to(cdt), None, 1, 1)
+        v = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)
         ctx.save_for_backward(x_c)
-        ctx.ppm, ctx.kernels, ctx.p, ctx.wx, ctx.q, ctx.params = ppm, kernels, p, wx, q, params
-        ctx.x_requires_grad, ctx.x_dtype = x.requires_grad, x.dtype
+        ctx.ppm, ctx.conv, ctx.kernels, ctx.p, ctx.levels, ctx.params = ppm, conv, kernels, p, levels, params
+        ctx.x_requires_grad, ctx.x_dtype, ctx.conv_dtype = x.requires_grad, x.dtype, cdt
         return v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (x_c,) = ctx.saved_tensors
-        ppm, kernels, wx, q = ctx.ppm, ctx.kernels, ctx.wx, ctx.q
-        grad_q = kernels.head_context_backward(grad, ppm.bins, ppm.align_corners)
-        g = grad.to(x_c.dtype)
+        ppm, conv, kernels, levels = ctx.ppm, ctx.conv, ctx.kernels, ctx.levels
+        weight = conv.weight
+        C, R = ppm.in_channels, ppm.reduction_channels
+        n, O = grad.shape[0], weight.shape[0]
+        grad_q = kernels.head_context_backward(grad, ppm.bins, ppm.align_corners)  # (N, O, 9, S), levels' dtype
+        weight_d = weight.detach()
+        wx = weight_d[:, :C].to(ctx.conv_dtype)
         gx_conv, gw_x, _ = torch.ops.aten.convolution_backward(
-            g, x_c, wx.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [ctx.x_requires_grad, wx.requires_grad, False])
-        outputs, grads = [], []
-        if q.requires_grad:
-            outputs.append(q)
-            grads.append(grad_q.to(q.dtype))
-        if wx.requires_grad:
-            outputs.append(wx)
-            grads.append(gw_x.to(wx.dtype))
-        inputs = ([ctx.p] if ctx.x_requires_grad else []) + list(ctx.params)
-        # retain_graph: the small graph lives as long as this node, so a retained outer graph can run backward again.
-        got = list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True, retain_graph=True)) if outputs \
-            else [None] * len(inputs)
+            grad.to(x_c.dtype), x_c, wx, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [ctx.x_requires_grad, weight.requires_grad, False])
+        grad_w = None
+        if weight.requires_grad:
+            # The conv weight's gradient assembled in one tensor, level by level (no weight-sized temporaries beyond
+            # one level's 9 * O * R values).
+            grad_w = torch.empty_like(weight)
+            grad_w[:, :C].copy_(gw_x)
+        del gw_x
+        # Per level: grad_P_l = W_l^T grad_q_l (per image); grad_W_l = sum over images of grad_q_l P_l^T.
+        lv = levels.detach()
+        grad_levels, off = [], 0
+        for l, b in enumerate(ppm.bins):
+            s = b * b
+            gq = grad_q[:, :, :, off:off + s].reshape(n, O * 9, s)
+            grad_levels.append(torch.matmul(_level_weight(weight_d, C, R, l, gq.dtype).t(), gq))  # (N, R, s)
+            if grad_w is not None:
+                g_l = torch.matmul(gq.transpose(0, 1).reshape(O * 9, n * s),
+                                   lv[:, :, off:off + s].transpose(0, 1).reshape(R, n * s).t())  # (O * 9, R)
+                grad_w[:, C + l * R:C + (l + 1) * R].view(O, R, 9).copy_(g_l.view(O, 9, R).permute(0, 2, 1))
+            off += s
+        inputs = ([ctx.p] if ctx.x_requires_grad else []) + [t for t in ctx.params if t is not weight]
+        got = list(torch.autograd.grad(levels, inputs, torch.cat(grad_levels, 2), allow_unused=True,
+                                       retain_graph=True)) if inputs and levels.requires_grad else [None] * len(inputs)
         grad_x = None
         if ctx.x_requires_grad:
             grad_pooled = got.pop(0)
             if grad_pooled is None:
                 grad_pooled = torch.zeros_like(ctx.p)
             grad_x = kernels.pyramid_pool_backward(grad_pooled, gx_conv, ppm.bins).to(ctx.x_dtype)
+        if grad_w is not None:
+            got.append(grad_w)  # conv.weight is the last of params
         return (grad_x, None, None, None, *got)
 
 
