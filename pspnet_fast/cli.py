@@ -1,4 +1,5 @@
-"""The `pspnet-fast` command: `info` (what was built and why not) and `bench` (the benchmark suite)."""
+"""The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite) and `convert`
+(checkpoint keys to PSPNet's layout, pspnet_fast/convert.py)."""
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,18 @@ def main(argv=None) -> int:
         from .benchmarks import suite
 
         return suite.main(argv[1:], prog="pspnet-fast bench")
+    if argv and argv[0] == "convert":
+        from . import convert
+
+        return convert.main(argv[1:], prog="pspnet-fast convert")
     p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled backends and why any is missing")
     sub.add_parser("bench", add_help=False,
                    help="the benchmark suite: reference eager vs torch.compile vs every fused backend, on the PPM, "
                         "its training step, the PSP head and PSPNet-50 (see pspnet-fast bench --help)")
+    sub.add_parser("convert", add_help=False,
+                   help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys (pspnet-fast convert --help)")
     args = p.parse_args(argv)
     return _info(args)
 

@@ -122,6 +122,13 @@ def test_smp(backend, train):
     _check_same(model, patched, torch.randn(2, 3, 7, 8), train)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_smp_channels_last_grads(train):
+    model = la.randomize_bn(la.SmpNet())
+    patched, _ = _patched(model)
+    _check_same(model, patched, torch.randn(2, 3, 6, 5).to(memory_format=torch.channels_last), train)
+
+
 def test_smp_channels_last_eval():
     model = la.randomize_bn(la.SmpNet()).eval()
     patched, _ = _patched(model)
@@ -227,6 +234,20 @@ def test_x_last_ops(layout, dtype):
                        k.upsample_concat_backward(g_first, c, bins, True))
     gp = torch.randn(2, c, 14, dtype=dtype)
     assert torch.equal(k.pyramid_pool_backward(gp, g_last, bins, x_offset=9), k.pyramid_pool_backward(gp, g_first, bins))
+
+
+@pytest.mark.skipif(ops._why_not_machine("cpu") is not None, reason="extension not built")
+def test_x_last_op_autograd():
+    """The op's registered autograd with x_last: gradients of x and levels are those of the rotated layout."""
+    k = ops.op_set("cpu")
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    levels = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 10, 5, 6, dtype=torch.float64)
+    gx, gl = torch.autograd.grad(k.upsample_concat(x, levels, (1, 2), False, x_last=True), (x, levels), g)
+    first = k.upsample_concat(x, levels, (1, 2), False)
+    ex, el = torch.autograd.grad(first, (x, levels), torch.cat([g[:, 6:], g[:, :6]], 1))
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gl, el)
 
 
 def test_real_smp_pspnet():
