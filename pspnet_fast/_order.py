@@ -1,30 +1,34 @@
 """Concatenation order of the fused PPM's output: x first (the authors', mmsegmentation) or x last
 (segmentation_models_pytorch: [levels..., x]).
 
-upsample_concat and its adjoints write x first. A backend whose ops take `x_last` (the dispatcher ops on CPU tensors,
-see csrc/ops.cpp) writes the x-last layout in the same single pass; any other backend (CUDA, Triton) writes x first and
-the channels are rotated afterwards: exact, one extra copy of the output (and of grad_out in backward).
+Forward: the CPU kernels (csrc/cpu) and the Triton kernel write the x-last layout themselves
+(`upsample_concat(..., x_last=True)`); the CUDA kernels write x first and the channels are rotated afterwards: exact,
+one extra copy of the output. Backward needs no kernel support: upsample_concat_backward reads the levels-only view
+grad_out[:, :L*R] with in_channels=0 and pyramid_pool_backward reads the x view grad_out[:, L*R:] (the CPU kernels
+take x_last / x_offset instead, as they copy non-contiguous views).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def _schema_has_x_last() -> bool:
+def _has_x_last(op) -> bool:
     try:
-        args = torch.ops.pspnet_fast.upsample_concat.default._schema.arguments
+        return any(a.name == "x_last" for a in op.default._schema.arguments)
     except Exception:
         return False
-    return any(a.name == "x_last" for a in args)
 
 
 def native_x_last(kernels, x: torch.Tensor) -> bool:
-    """Whether `kernels` write the x-last layout themselves for x (the CPU kernels of the compiled extension)."""
-    return (x.device.type == "cpu" and _schema_has_x_last()
-            and kernels.upsample_concat is torch.ops.pspnet_fast.upsample_concat)
+    """Whether kernels.upsample_concat writes the x-last layout for x itself (CPU kernels, Triton), not CUDA."""
+    if not _has_x_last(kernels.upsample_concat):
+        return False
+    return x.device.type == "cpu" or kernels.upsample_concat is not torch.ops.pspnet_fast.upsample_concat
+
+
+def _cpu_ops(kernels, t: torch.Tensor) -> bool:
+    """The dispatcher ops on CPU tensors: their adjoints take x_last / x_offset."""
+    return t.device.type == "cpu" and kernels.upsample_concat_backward is torch.ops.pspnet_fast.upsample_concat_backward
 
 
 def _rotate(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,24 +47,20 @@ def upsample_concat(kernels, x, levels, bins, align_corners, x_last=False):
     return _rotate(kernels.upsample_concat(x, levels, bins, align_corners), x.shape[1])
 
 
-def to_x_first(kernels, grad_out, in_channels, x_last=False):
-    """grad_out in the layout the backend's adjoint ops read: unchanged when x first or when they take x_last."""
-    if not x_last or native_x_last(kernels, grad_out):
-        return grad_out
-    return _rotate(grad_out, grad_out.shape[1] - in_channels)
-
-
 def upsample_concat_backward(kernels, grad_out, in_channels, bins, align_corners, x_last=False):
-    if x_last and native_x_last(kernels, grad_out):
+    """grad_levels (N, R, S) from grad_out in either layout."""
+    if not x_last:
+        return kernels.upsample_concat_backward(grad_out, in_channels, bins, align_corners)
+    if _cpu_ops(kernels, grad_out):
         return kernels.upsample_concat_backward(grad_out, in_channels, bins, align_corners, x_last=True)
-    return kernels.upsample_concat_backward(to_x_first(kernels, grad_out, in_channels, x_last), in_channels, bins,
-                                            align_corners)
+    return kernels.upsample_concat_backward(grad_out[:, :grad_out.shape[1] - in_channels], 0, bins, align_corners)
 
 
 def pyramid_pool_backward(kernels, grad_pooled, grad_out, bins, x_last=False):
-    """grad_x = grad_out's x channels + pool^T(grad_pooled)."""
-    if x_last and native_x_last(kernels, grad_out):
-        c = grad_pooled.shape[1]
-        return kernels.pyramid_pool_backward(grad_pooled, grad_out, bins, x_offset=grad_out.shape[1] - c)
-    return kernels.pyramid_pool_backward(grad_pooled, to_x_first(kernels, grad_out, grad_pooled.shape[1], x_last),
-                                         bins)
+    """grad_x = grad_out's x channels + pool^T(grad_pooled), from grad_out in either layout."""
+    if not x_last:
+        return kernels.pyramid_pool_backward(grad_pooled, grad_out, bins)
+    lr = grad_out.shape[1] - grad_pooled.shape[1]
+    if _cpu_ops(kernels, grad_out):
+        return kernels.pyramid_pool_backward(grad_pooled, grad_out, bins, x_offset=lr)
+    return kernels.pyramid_pool_backward(grad_pooled, grad_out[:, lr:], bins)

@@ -148,11 +148,9 @@ class _FusedPPMFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         m, kernels, params = ctx.module, ctx.kernels, list(ctx.params)
-        # x-last modules (pspnet_fast.patch): grad_out rotated to x first unless the backend reads x last itself.
-        x_last = getattr(m, "x_last", False)
-        g = _order.to_x_first(kernels, grad_out, m.in_channels, x_last)
-        x_last = x_last and g is grad_out
-        grad_levels = _order.upsample_concat_backward(kernels, g, m.in_channels, m.bins, m.align_corners, x_last)
+        x_last = getattr(m, "x_last", False)  # [levels..., x] (pspnet_fast.patch, segmentation_models_pytorch)
+        grad_levels = _order.upsample_concat_backward(kernels, grad_out, m.in_channels, m.bins, m.align_corners,
+                                                      x_last)
         inputs = ([ctx.pooled] if ctx.x_requires_grad else []) + params
         # retain_graph: the small levels graph (pooled maps, BatchNorm statistics) lives as long as this node, so a
         # retained outer graph can run backward again.
@@ -161,6 +159,6 @@ class _FusedPPMFunction(torch.autograd.Function):
         grad_x = None
         if ctx.x_requires_grad:
             grad_pooled = grads[0] if grads[0] is not None else torch.zeros_like(ctx.pooled)
-            grad_x = _order.pyramid_pool_backward(kernels, grad_pooled, g, m.bins, x_last)
+            grad_x = _order.pyramid_pool_backward(kernels, grad_pooled, grad_out, m.bins, x_last)
             grads = grads[1:]
         return (grad_x, None, None, *grads)

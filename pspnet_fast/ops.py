@@ -280,8 +280,11 @@ def _upsample_backward_for(prefix: str):
         """grad_x = grad_out's x channels (a view); grad_levels by the upsample_concat_backward op."""
         op = getattr(torch.ops.pspnet_fast, prefix + "upsample_concat_backward")
         if ctx.x_last:
-            gx = grad[:, grad.shape[1] - ctx.c:].to(ctx.x_dtype)
-            gl = op(grad, ctx.c, ctx.bins, ctx.align_corners, x_last=True)
+            lr = grad.shape[1] - ctx.c
+            gx = grad[:, lr:].to(ctx.x_dtype)
+            # The CPU kernel reads the x-last layout itself; the Triton op reads the levels-only view (no x channels).
+            gl = (op(grad[:, :lr], 0, ctx.bins, ctx.align_corners) if prefix else
+                  op(grad, ctx.c, ctx.bins, ctx.align_corners, x_last=True))
         else:
             gx = grad[:, :ctx.c].to(ctx.x_dtype)
             gl = op(grad, ctx.c, ctx.bins, ctx.align_corners)

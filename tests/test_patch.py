@@ -129,6 +129,20 @@ def test_smp_channels_last_grads(train):
     _check_same(model, patched, torch.randn(2, 3, 6, 5).to(memory_format=torch.channels_last), train)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_smp_rotation_fallback(train, monkeypatch):
+    """What the CUDA backend runs for x-last modules: its forward writes x first (rotated afterwards), its adjoints
+    read the levels-only and x views of grad_out (the Triton backend's adjoints too); here with the CPU kernels."""
+    from pspnet_fast import _order
+
+    monkeypatch.setattr(_order, "native_x_last", lambda kernels, x: False)
+    monkeypatch.setattr(_order, "_cpu_ops", lambda kernels, t: False)
+    model = la.randomize_bn(la.SmpNet())
+    patched, _ = _patched(model)
+    _check_same(model, patched, torch.randn(2, 3, 6, 7), train)
+    _check_same(model, patched, torch.randn(2, 3, 6, 7).to(memory_format=torch.channels_last), train)
+
+
 def test_smp_channels_last_eval():
     model = la.randomize_bn(la.SmpNet()).eval()
     patched, _ = _patched(model)
@@ -216,7 +230,7 @@ def test_x_last_ops(layout, dtype):
     """The CPU ops' x_last argument: the x-first layout rotated, forward and both adjoints."""
     from pspnet_fast import _order
 
-    if not _order._schema_has_x_last():
+    if not _order._has_x_last(torch.ops.pspnet_fast.upsample_concat):
         pytest.skip("ops built without x_last")
     k = ops.op_set("cpu")
     bins, c, r = (1, 2, 3), 5, 3

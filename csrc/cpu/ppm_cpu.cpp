@@ -697,7 +697,7 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
   check_x(grad_in);
   check_bins(bins);
   const int64_t L = bins.size(), CO = grad_in.size(1);
-  TORCH_CHECK(C > 0 && CO > C && (CO - C) % L == 0,
+  TORCH_CHECK(C >= 0 && CO > C && (CO - C) % L == 0,
               "pspnet_fast: expected grad_out with in_channels + len(bins) * R channels (in_channels ", C, ", ", L,
               " levels), got ", CO);
   const int64_t N = grad_in.size(0), H = grad_in.size(2), W = grad_in.size(3), R = (CO - C) / L;
