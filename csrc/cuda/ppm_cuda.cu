@@ -1059,7 +1059,8 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
 Tensor upsample_concat_cuda(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
                             bool x_last) {
   const char* op = "upsample_concat";
-  TORCH_CHECK(!x_last, op, ": x_last=True" is not implemented in the CUDA kernels (pspnet_fast/_order.py rotates the x-first layout instead)");
+  TORCH_CHECK(!x_last, op, ": x_last=True is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
   check_x(op, x_in);
   check_cuda(op, "levels", levels_in, x_in);
   const LevelTable lv = make_levels(op, bins);
@@ -1448,7 +1449,8 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
 Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
                                      bool align_corners, bool x_last) {
   const char* op = "upsample_concat_backward";
-  TORCH_CHECK(!x_last, op, ": x_last=True" is not implemented in the CUDA kernels (pspnet_fast/_order.py rotates the x-first layout instead)");
+  TORCH_CHECK(!x_last, op, ": x_last=True is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
   check_x(op, grad_in, "grad_out");
   const LevelTable lv = make_levels(op, bins);
   const int64_t N = grad_in.size(0), Ctot = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
@@ -1830,7 +1832,8 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
 Tensor pyramid_pool_backward_cuda(const Tensor& grad_pooled_in, const Tensor& grad_out_in, at::IntArrayRef bins,
                                   int64_t x_offset) {
   const char* op = "pyramid_pool_backward";
-  TORCH_CHECK(x_offset == 0, op, ": x_offset != 0" is not implemented in the CUDA kernels (pspnet_fast/_order.py rotates the x-first layout instead)");
+  TORCH_CHECK(x_offset == 0, op, ": x_offset != 0 is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
   check_x(op, grad_out_in, "grad_out");
   TORCH_CHECK(grad_pooled_in.is_cuda(), op, ": expected grad_pooled on a CUDA device, got ", grad_pooled_in.device());
   TORCH_CHECK(grad_pooled_in.device() == grad_out_in.device(), op, ": expected grad_pooled on ", grad_out_in.device(),
