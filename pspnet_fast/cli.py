@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                    help="the benchmark suite: reference eager vs torch.compile vs every fused backend, on the PPM, "
                         "its training step, the PSP head and PSPNet-50 (see pspnet-fast bench --help)")
     sub.add_parser("convert", add_help=False,
-                   help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys (pspnet-fast convert --help)")
+                   help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys "
+                        "(pspnet-fast convert --help)")
     args = p.parse_args(argv)
     return _info(args)
 

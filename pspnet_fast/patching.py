@@ -2,17 +2,14 @@
 
 Recognized layouts (PEERS.md sections 2-4), read off the module tree, never off class names alone:
 
-    style      where                                     branch i                                      output
-    reference  pspnet_fast.reference.PyramidPooling      (this project)                                 [x, levels]
-    authors    module.features: ModuleList               Sequential(AdaptiveAvgPool2d(b), Conv2d 1x1,   [x, levels]
-                                                         BatchNorm2d, ReLU); align_corners = the
-                                                         module's `align_corners`, else True
-    mmseg      head with psp_modules (PPM, a ModuleList), Sequential(AdaptiveAvgPool2d(b),               head: cat([x] + PPM(x))
-               bottleneck and conv_seg (PSPHead)          ConvModule(conv, bn, activate));              -> bottleneck -> cls_seg
-                                                         align_corners = the head's, else False
-    smp        module.blocks: ModuleList of PSPBlock      block.pool = Sequential(AdaptiveAvgPool2d(b),  [levels, x]
-                                                         Conv2dReLU(conv, bn | Identity, ReLU));
-                                                         align_corners=True
+    reference  pspnet_fast.reference.PyramidPooling (this project); output [x, levels].
+    authors    module.features: ModuleList of Sequential(AdaptiveAvgPool2d(b), Conv2d 1x1, BatchNorm2d, ReLU);
+               output [x, levels]; align_corners = the module's `align_corners`, else True.
+    mmseg      a head (PSPHead) with psp_modules (PPM: a ModuleList of Sequential(AdaptiveAvgPool2d(b),
+               ConvModule(conv, bn, activate))), bottleneck and conv_seg; the head computes
+               cls_seg(bottleneck(cat([x] + PPM(x)))); align_corners = the head's, else False.
+    smp        module.blocks: ModuleList of PSPBlock, block.pool = Sequential(AdaptiveAvgPool2d(b),
+               Conv2dReLU(conv, bn | Identity, ReLU)); output [levels, x]; align_corners=True.
 
 The replacement keeps the original submodules under their original names (so state_dict keys, and therefore
 original checkpoints, load with strict=True) and computes the same function with the fused ops. mmsegmentation's PPM
@@ -322,8 +319,10 @@ def _has_pool_branches(m: nn.Module) -> bool:
         any(isinstance(s, nn.AdaptiveAvgPool2d) for s in el.modules()) for el in m)
 
 
-def _is_candidate(m: nn.Module) -> bool:
-    return _has_pool_branches(m) or any(_has_pool_branches(c) for c in m.children())
+def _branch_lists(m: nn.Module) -> list[str]:
+    """Names of m's children that are plain ModuleLists of pooling branches (a ModuleList subclass with a forward of
+    its own, such as mmseg's PPM, is a module in its own right, not a list)."""
+    return [n for n, c in m.named_children() if type(c) is nn.ModuleList and _has_pool_branches(c)]
 
 
 def _try(m: nn.Module, style: str, backend: str):
@@ -332,17 +331,19 @@ def _try(m: nn.Module, style: str, backend: str):
         return None, None
     if isinstance(m, RefPyramidPooling):
         return FusedPyramidPooling.from_reference(m, backend=backend), ""
-    if not _is_candidate(m):
-        return None, None
     kids = dict(m.named_children())
     if _has_pool_branches(kids.get("psp_modules")) and "bottleneck" in kids and "conv_seg" in kids:
         if style not in ("auto", "mmseg"):
             return None, f"an mmsegmentation PSPHead, but style={style!r}"
         return _patch_mmseg_head(m, backend)
     if _has_pool_branches(m):
-        return None, ("a ModuleList of pooling branches returns a list (mmsegmentation's PPM); patch the head that "
-                      "concatenates it (a module with psp_modules, bottleneck and conv_seg)")
-    lists = [n for n, c in kids.items() if _has_pool_branches(c)]
+        if type(m) is nn.ModuleList:
+            return None, None  # a plain list: its owner is the candidate
+        return None, ("a ModuleList of pooling branches with its own forward returns a list (mmsegmentation's PPM); "
+                      "patch the head that concatenates it (a module with psp_modules, bottleneck and conv_seg)")
+    lists = _branch_lists(m)
+    if not lists:
+        return None, None
     if len(lists) != 1:
         return None, f"several branch lists {lists}: which one the forward uses cannot be read off"
     name = lists[0]
@@ -397,10 +398,10 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> Patch
 
     type_of = {}
 
-    def walk(parent: nn.Module, prefix: str):
+    def walk(parent: nn.Module, prefix: str, parent_skipped: bool):
         for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
+            if child is None or isinstance(child, (FusedPyramidPooling, PatchedPyramidPooling)):
+                continue  # already fused
             q = f"{prefix}{name}"
             type_of[q] = type(child).__name__
             new, why = _try(child, style, backend)
@@ -409,16 +410,18 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> Patch
                 result.append(q)
                 log.info("pspnet_fast.patch: replaced %s (%s) by %s", q, type(child).__name__, type(new).__name__)
                 continue
-            if why is not None:
+            # The branch list of a module already reported is not reported again.
+            if why is not None and not (parent_skipped and _has_pool_branches(child)):
                 skip(q, why)
-            walk(child, q + ".")
+            walk(child, q + ".", why is not None)
 
     type_of[""] = type(model).__name__
     new, why = _try(model, style, backend)
     if new is not None:
-        skip("", "the root module itself is a PPM: it has no parent to be replaced in; use "
-                 "pspnet_fast.PyramidPooling.from_reference or PatchedPyramidPooling")
-    elif why is not None:
+        why = ("the root module itself is a PPM: it has no parent to be replaced in; use "
+               "pspnet_fast.PyramidPooling.from_reference or PatchedPyramidPooling")
+    if why is not None:
         skip("", why)
-    walk(model, "")
+    if not isinstance(model, (FusedPyramidPooling, PatchedPyramidPooling)):
+        walk(model, "", why is not None)
     return result

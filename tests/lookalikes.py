@@ -1,6 +1,6 @@
 """Look-alikes of the PSPNet modules users already run, with exactly the layouts and state_dict key names of
-PEERS.md sections 2-4 (the authors' hszhao/semseg, mmsegmentation's PSPHead/PPM/ConvModule, segmentation_models_pytorch's
-PSPModule). Written from those descriptions; mmcv, mmsegmentation and smp are not installed or imported."""
+PEERS.md sections 2-4 (the authors' hszhao/semseg, mmsegmentation's PSPHead/PPM/ConvModule,
+segmentation_models_pytorch's PSPModule). Written from those descriptions; mmcv, mmsegmentation and smp are not installed or imported."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +52,8 @@ class AuthorsNet(nn.Module):
 
 # --- mmsegmentation (mmseg/models/decode_heads/psp_head.py, mmcv ConvModule) -----------------------------------------
 class ConvModule(nn.Module):
-    """mmcv's ConvModule with norm_cfg=BN, act_cfg=ReLU: children conv, bn, activate; bias='auto' (no bias with norm)."""
+    """mmcv's ConvModule with norm_cfg=BN, act_cfg=ReLU: children conv, bn, activate; bias='auto' (none with
+    a norm)."""
 
     def __init__(self, cin, cout, kernel_size, padding=0):
         super().__init__()
@@ -84,7 +85,8 @@ class PPM(nn.ModuleList):
 class BaseDecodeHead(nn.Module):
     def __init__(self, in_channels, channels, num_classes, in_index=-1, dropout_ratio=0.1, align_corners=False):
         super().__init__()
-        self.in_channels, self.channels, self.in_index, self.align_corners = in_channels, channels, in_index, align_corners
+        self.in_channels, self.channels = in_channels, channels
+        self.in_index, self.align_corners = in_index, align_corners
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
 

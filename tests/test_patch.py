@@ -131,8 +131,8 @@ def test_smp_channels_last_grads(train):
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_smp_rotation_fallback(train, monkeypatch):
-    """What the CUDA backend runs for x-last modules: its forward writes x first (rotated afterwards), its adjoints
-    read the levels-only and x views of grad_out (the Triton backend's adjoints too); here with the CPU kernels."""
+    """The paths of backends without native x-last support: forward rotated, adjoints through the levels-only and x
+    views of grad_out (what the CUDA and Triton adjoints run); here with the CPU kernels."""
     from pspnet_fast import _order
 
     monkeypatch.setattr(_order, "native_x_last", lambda kernels, x: False)
@@ -158,7 +158,8 @@ def test_reference_module_replaced():
     patched, names = _patched(model)
     assert names == ["1"] and type(patched[1]) is pspnet_fast.PyramidPooling
     _check_same(model, patched, torch.randn(2, 3, 5, 5), True)
-    assert pspnet_fast.patch(patched) == []  # already fused: nothing to do, nothing reported
+    again = pspnet_fast.patch(patched)
+    assert again == [] and again.skipped == []  # already fused: nothing to do, nothing reported
 
 
 def test_state_dict_round_trip():
@@ -203,6 +204,7 @@ def test_skipped_reported_and_style_override(caplog):
         names = pspnet_fast.patch(copy.deepcopy(model))
     assert names == []
     skipped = dict(names.skipped)
+    assert list(skipped) == ["a", "b"]  # each once: not again as their branch lists a.stages, b.features
     assert "style=" in skipped["a"] and "LeakyReLU" in skipped["b"]
     assert "skipped a" in caplog.text and "skipped b" in caplog.text
     patched, names = _patched(la.randomize_bn(model), style="smp")
@@ -221,6 +223,11 @@ def test_bad_arguments():
     # a head that is mmseg's under an explicit other style is left alone, with the reason
     names = pspnet_fast.patch(la.EncoderDecoder(), style="authors")
     assert names == [] and "mmsegmentation PSPHead" in dict(names.skipped)["decode_head"]
+    # a bare mmseg PPM (it returns a list) is left alone, with the reason; so is a root PPM
+    names = pspnet_fast.patch(nn.Sequential(la.PPM((1, 2), 8, 2, False)))
+    assert names == [] and "returns a list" in dict(names.skipped)["0"]
+    names = pspnet_fast.patch(la.AuthorsPPM(8, 2, (1, 2)))
+    assert names == [] and "root" in dict(names.skipped)[""]
 
 
 @pytest.mark.skipif(ops._why_not_machine("cpu") is not None, reason="extension not built")
@@ -247,7 +254,8 @@ def test_x_last_ops(layout, dtype):
     assert torch.equal(k.upsample_concat_backward(g_last, c, bins, True, x_last=True),
                        k.upsample_concat_backward(g_first, c, bins, True))
     gp = torch.randn(2, c, 14, dtype=dtype)
-    assert torch.equal(k.pyramid_pool_backward(gp, g_last, bins, x_offset=9), k.pyramid_pool_backward(gp, g_first, bins))
+    assert torch.equal(k.pyramid_pool_backward(gp, g_last, bins, x_offset=9),
+                       k.pyramid_pool_backward(gp, g_first, bins))
 
 
 @pytest.mark.skipif(ops._why_not_machine("cpu") is not None, reason="extension not built")
