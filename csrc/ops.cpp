@@ -15,8 +15,8 @@
 //                                                                + pool^T(grad_pooled),
 //                                                                (N, C, H, W) in grad_out's dtype and memory format
 // x_last (default false) puts x after the levels, out = [levels..., x] (segmentation_models_pytorch's order); the
-// adjoints read that layout with x_last / x_offset = L*R. CPU kernels only: the CUDA kernels refuse x_last != false
-// and x_offset != 0 (pspnet_fast/_order.py rotates the x-first layout for them and for Triton).
+// adjoints read that layout with x_last / x_offset = L*R (CPU kernels; the CUDA adjoints refuse them and are given
+// the views grad_out[:, :L*R] with in_channels = 0 and grad_out[:, L*R:] instead, see pspnet_fast/_order.py).
 // The fused PSP head (the 3x3 bottleneck split as conv3x3(x; W_X) + context of the small level maps, see
 // pspnet_fast/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
 //   head_epilogue(z (N, O, H, W), q (N, O, 9, S), bins, align_corners, scale (O)?, shift (O)?, relu)

@@ -1,11 +1,11 @@
 """Concatenation order of the fused PPM's output: x first (the authors', mmsegmentation) or x last
 (segmentation_models_pytorch: [levels..., x]).
 
-Forward: the CPU kernels (csrc/cpu) and the Triton kernel write the x-last layout themselves
-(`upsample_concat(..., x_last=True)`); the CUDA kernels write x first and the channels are rotated afterwards: exact,
-one extra copy of the output. Backward needs no kernel support: upsample_concat_backward reads the levels-only view
-grad_out[:, :L*R] with in_channels=0 and pyramid_pool_backward reads the x view grad_out[:, L*R:] (the CPU kernels
-take x_last / x_offset instead, as they copy non-contiguous views).
+Forward: every backend's upsample_concat writes the x-last layout itself (`x_last=True`: CPU, CUDA and Triton
+kernels); a backend whose op lacks the argument gets the x-first output rotated (exact, one extra copy). Backward
+needs no kernel support: upsample_concat_backward reads the levels-only view grad_out[:, :L*R] with in_channels=0 and
+pyramid_pool_backward the x view grad_out[:, L*R:] (CUDA, Triton); the CPU kernels take x_last / x_offset instead,
+as they would copy non-contiguous views.
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ def _has_x_last(op) -> bool:
 
 
 def native_x_last(kernels, x: torch.Tensor) -> bool:
-    """Whether kernels.upsample_concat writes the x-last layout for x itself (CPU kernels, Triton), not CUDA."""
-    if not _has_x_last(kernels.upsample_concat):
-        return False
-    return x.device.type == "cpu" or kernels.upsample_concat is not torch.ops.pspnet_fast.upsample_concat
+    """Whether kernels.upsample_concat writes the x-last layout itself (its schema has x_last)."""
+    return _has_x_last(kernels.upsample_concat)
 
 
 def _cpu_ops(kernels, t: torch.Tensor) -> bool:

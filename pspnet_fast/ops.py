@@ -282,9 +282,9 @@ def _upsample_backward_for(prefix: str):
         if ctx.x_last:
             lr = grad.shape[1] - ctx.c
             gx = grad[:, lr:].to(ctx.x_dtype)
-            # The CPU kernel reads the x-last layout itself; the Triton op reads the levels-only view (no x channels).
-            gl = (op(grad[:, :lr], 0, ctx.bins, ctx.align_corners) if prefix else
-                  op(grad, ctx.c, ctx.bins, ctx.align_corners, x_last=True))
+            # The CPU kernel reads the x-last layout itself; CUDA and Triton read the levels-only view (in_channels 0).
+            gl = (op(grad, ctx.c, ctx.bins, ctx.align_corners, x_last=True) if not prefix and grad.device.type == "cpu"
+                  else op(grad[:, :lr], 0, ctx.bins, ctx.align_corners))
         else:
             gx = grad[:, :ctx.c].to(ctx.x_dtype)
             gl = op(grad, ctx.c, ctx.bins, ctx.align_corners)
