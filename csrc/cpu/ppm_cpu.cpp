@@ -510,8 +510,8 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const int64_t HW = H * W;
   const bool stream = use_streaming(out);
   const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
-  // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from one level map
-  // into a plane-sized scratch (cache-resident) and then stored in one sweep.
+  // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from
+  // one level map into a plane-sized scratch (cache-resident) and then stored in one sweep.
   at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
     std::vector<scalar_t> plane_buf(HW);
