@@ -146,8 +146,9 @@ class PatchedPyramidPooling(nn.Module):
     Equal reduction channels: the fused pool -> ppm_reduce -> upsample_concat (BatchNorm and conv bias folded in eval;
     in training each level's bias, BatchNorm and ReLU run as the module's own small graph on the b x b maps).
     Unequal reduction channels: the fused pooling, then per level the module's own conv/BN/ReLU and
-    F.interpolate, concatenated (exact, slower). x-last order is native in the CPU kernels; on CUDA and Triton the
-    x-first output is rotated (exact, one extra copy)."""
+    F.interpolate, concatenated (exact, slower). x-last order: upsample_concat(..., x_last=True) in every backend,
+    the adjoints through views of grad_out (pspnet_fast/_order.py). The 1x1 weights are restacked on every call
+    (pspnet_fast.PyramidPooling caches them for inference; this module does not yet)."""
 
     def __init__(self, original: nn.Module, branches: list[_Branch], align_corners: bool, x_last: bool,
                  backend: str = "auto", source: str = ""):
@@ -196,7 +197,10 @@ class PatchedPyramidPooling(nn.Module):
         ups = []
         for b, (conv, norm, act) in zip(self.bins, self._parts()):
             y = conv(F.adaptive_avg_pool2d(x, b))
-            y = act(norm(y) if norm is not None else y) if act is not None else (norm(y) if norm is not None else y)
+            if norm is not None:
+                y = norm(y)
+            if act is not None:
+                y = act(y)
             ups.append(F.interpolate(y, size, mode="bilinear", align_corners=self.align_corners))
         return self._cat(x, ups)
 
