@@ -8,14 +8,14 @@ TORCH_VERSION ?= 2.14.1
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 SHELL := /bin/bash
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
 .PHONY: setup build bench test info clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pillow pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
 	touch $@
 
 build: $(VENV)/.build-done

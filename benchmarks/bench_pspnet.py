@@ -1,7 +1,8 @@
 """Whole-model benchmark `pspnet`: PSPNet-50 inference (eval, no_grad), 150 classes.
 
 Reference: pspnet_fast.models.PSPNet(50, num_classes=150, fused=False); fused: the same weights in
-PSPNet(..., fused=True, backend=...), where only the PPM is fused ("fused-<backend> (fused PPM)"). The image size
+PSPNet(..., fused=True, backend=...): the fused PPM and the fused head (pspnet_fast.head); the backbone and the aux
+branch (not run in eval) are the same modules. The image size
 comes from the feature size: the dilated ResNet has output stride 8, features H x W <- image (8(H-1)+1) x (8(W-1)+1)
 (60x60 <- 473x473, 90x90 <- 713x713, 64x128 <- 505x1017). The rows' shape is the image (N, 3, Hi, Wi); C of --shape
 is the backbone's 2048 whatever is given.
@@ -42,7 +43,7 @@ def build(shape, dtype, device, channels_last=False, compile_ref=True) -> Case:
         return fused
 
     return build_case("pspnet", (n, 3, hi, wi), dtype, device, channels_last, ref, make_fused, x,
-                      (n, NUM_CLASSES, hi, wi), False, compile_ref, deep=True, fused_label=" (fused PPM)",
+                      (n, NUM_CLASSES, hi, wi), False, compile_ref, deep=True,
                       extra={"feature_shape": [n, FEATURE_CHANNELS, h, w]})
 
 

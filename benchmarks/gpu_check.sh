@@ -3,7 +3,8 @@
 # ~10 minutes:  benchmarks/gpu_check.sh OUTDIR
 # Steps: build the extension there (CUDA kernels for sm_90 only, the H200's, to halve the nvcc time), `pspnet-fast
 # info`, the test suite (CUDA tests run when a device is present), the GPU benchmark (bfloat16, the 713x713 and
-# Cityscapes feature sizes at batch 8, workloads ppm and ppm-train). Every step has its own time limit, its log in
+# Cityscapes feature sizes at batch 8, workloads ppm and ppm-train; the fused head's ops (tools/check_head_cuda.py)
+# and the head workloads at 8x2048x90x90, bfloat16). Every step has its own time limit, its log in
 # OUTDIR/<step>.log and its exit status in OUTDIR/status.tsv; a failing step does not stop the later ones.
 set -u
 if [ $# -ne 1 ]; then
@@ -40,7 +41,10 @@ step() {
 step build 180 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 step info 30 "$PY" -m pspnet_fast.cli info
 step tests 150 "$PY" -m pytest tests -q -x -p no:cacheprovider
+step head_ops 60 "$PY" tools/check_head_cuda.py
 step bench 220 "$PY" -m pspnet_fast.cli bench --device cuda --dtype bfloat16 --shape 8,2048,90,90 \
   --shape 8,2048,64,128 --workload ppm,ppm-train --json "$OUT/bench.json"
+step bench_head 150 "$PY" -m pspnet_fast.cli bench --device cuda --dtype bfloat16 --shape 8,2048,90,90 \
+  --workload head,head-train --rounds 5 --json "$OUT/bench_head.json"
 cat "$OUT/status.tsv"
 exit $FAILED

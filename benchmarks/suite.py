@@ -45,12 +45,13 @@ FULL_PLAN = {name: [_at(name, hw) for hw in SIZES.values()] for name in WORKLOAD
 # The default run, sized for ~10 minutes on the 2-core CPU machine `make bench` runs on: measured there at 6.8 min
 # with a cold torch.compile cache (20-60 s of compiling per case) while other jobs shared the CPU. The PPM at all
 # three sizes (~30 s each), the training step and the head at the 473 size (~90 s each), PSPNet-50 at a 193x193 image
-# (~2 min, half of it compiling; a 473x473 image is ~6x the work). head-train (~6 min) is left out.
+# (~2 min, half of it compiling; a 473x473 image is ~6x the work), and head-train (its peak memory is the point) at
+# 2x2048x30x30 (~1.5 min; the 473 size is ~6 min).
 DEFAULT_PLAN = {
     "ppm": FULL_PLAN["ppm"],
     "ppm-train": [_at("ppm-train", SIZES["473x473"])],
     "head": [_at("head", SIZES["473x473"])],
-    "head-train": [],
+    "head-train": [(2, C, 30, 30)],
     "pspnet": [_at("pspnet", (25, 25))],
 }
 # Seconds per case on that machine, default options: (compile, the rest at the 473 size; the rest scales with N*H*W).

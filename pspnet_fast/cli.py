@@ -1,4 +1,5 @@
-"""The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite) and `convert`
+"""The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite), `train` and `eval`
+(the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download), `convert`
 (checkpoint keys to PSPNet's layout, pspnet_fast/convert.py)."""
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def main(argv=None) -> int:
         from .benchmarks import suite
 
         return suite.main(argv[1:], prog="pspnet-fast bench")
+    if argv and argv[0] in ("train", "eval"):
+        # Each owns its arguments (`pspnet-fast train --help`).
+        from . import evaluate, train
+
+        return (train if argv[0] == "train" else evaluate).main(argv[1:], prog=f"pspnet-fast {argv[0]}")
     if argv and argv[0] == "convert":
         from . import convert
 
@@ -54,6 +60,12 @@ def main(argv=None) -> int:
     sub.add_parser("bench", add_help=False,
                    help="the benchmark suite: reference eager vs torch.compile vs every fused backend, on the PPM, "
                         "its training step, the PSP head and PSPNet-50 (see pspnet-fast bench --help)")
+    sub.add_parser("train", add_help=False,
+                   help="train PSPNet (SGD, poly lr, aux loss; torchrun for many processes); --data synthetic "
+                        "needs no download (see pspnet-fast train --help)")
+    sub.add_parser("eval", add_help=False,
+                   help="the authors' test protocol: sliding windows, flip, multi-scale; IoU table; colourized PNGs "
+                        "(see pspnet-fast eval --help)")
     sub.add_parser("convert", add_help=False,
                    help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys "
                         "(pspnet-fast convert --help)")

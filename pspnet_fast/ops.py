@@ -6,6 +6,9 @@ The three ops (schemas in csrc/ops.cpp; S = sum of b*b over bins, level l at col
     ppm_reduce(pooled (N, C, S), weight (L, R, C), scale, shift, bins, relu) -> (N, R, S), pooled's dtype
     upsample_concat(x, levels (N, R, S), bins, align_corners)       -> (N, C + L*R, H, W), x's dtype and layout
 
+their adjoints (upsample_concat_backward, pyramid_pool_backward), and the fused head's two ops (head_epilogue,
+head_context_backward; see pspnet_fast/head.py).
+
 Backends implement the same ops: "cpu" (C++, CPU tensors), "cuda" (CUDA C++, CUDA tensors), "triton" (Triton
 kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and "reference" (pure PyTorch). `choose_backend`
 picks one per input; the environment variable PSPNET_FAST_BACKEND overrides the caller's choice.
@@ -44,6 +47,10 @@ def _triton_module():
         from .kernels import ppm_triton
     except Exception as e:
         return None, f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+    try:
+        from .kernels import head_triton  # noqa: F401  (registers the fused head's Triton ops)
+    except ImportError:
+        pass  # the head's Triton ops are optional: OpSet.head_epilogue is None and the head runs the reference
     return ppm_triton, ""
 
 
@@ -134,14 +141,18 @@ class OpSet:
     upsample_concat: Callable
     upsample_concat_backward: Callable
     pyramid_pool_backward: Callable
+    head_epilogue: Callable | None  # None where the backend has no fused-head kernels
+    head_context_backward: Callable | None
 
 
 _OP_NAMES = ("pyramid_pool", "ppm_reduce", "upsample_concat", "upsample_concat_backward", "pyramid_pool_backward")
+_HEAD_OP_NAMES = ("head_epilogue", "head_context_backward")
 
 
 def _op_set(prefix: str) -> OpSet:
     ns = torch.ops.pspnet_fast
-    return OpSet(*(getattr(ns, prefix + name) for name in _OP_NAMES))
+    head = [getattr(ns, prefix + name) if hasattr(ns, prefix + name) else None for name in _HEAD_OP_NAMES]
+    return OpSet(*(getattr(ns, prefix + name) for name in _OP_NAMES), *head)
 
 
 def op_set(backend: str) -> OpSet:
@@ -207,6 +218,14 @@ def _fake_pyramid_pool_backward(grad_pooled, grad_out, bins, x_offset=0):
     n, c = grad_pooled.shape[:2]
     h, w = grad_out.shape[2:]
     return grad_out.new_empty((n, c, h, w)).contiguous(memory_format=_out_memory_format(grad_out))
+
+
+def _fake_head_epilogue(z, q, bins, align_corners, scale, shift, relu):
+    return z.new_empty(z.shape).contiguous(memory_format=_out_memory_format(z))
+
+
+def _fake_head_context_backward(grad, bins, align_corners):
+    return grad.new_empty((grad.shape[0], grad.shape[1], 9, total_bins(bins)), dtype=_pooled_dtype(grad.dtype))
 
 
 def _pool_setup(ctx, inputs, output):
@@ -292,6 +311,36 @@ def _upsample_backward_for(prefix: str):
     return backward
 
 
+def _epilogue_setup(ctx, inputs, output):
+    z, q, bins, align_corners, scale, shift, relu = inputs
+    ctx.bins, ctx.align_corners, ctx.relu = tuple(bins), align_corners, relu
+    ctx.z_dtype, ctx.q_dtype = z.dtype, q.dtype
+    ctx.has_scale = scale is not None
+    empty = q.new_empty(0)
+    ctx.save_for_backward(z if ctx.has_scale else empty, q if ctx.has_scale else empty,
+                          scale if ctx.has_scale else empty, output if relu else empty)
+
+
+def _epilogue_backward_for(prefix: str):
+    def backward(ctx, grad):
+        """out = act((z + context(q)) * scale + shift): the ReLU mask and the scale apply to the gradient, then
+        grad_z is that gradient and grad_q its context adjoint (head_context_backward)."""
+        z, q, scale, out = ctx.saved_tensors
+        ops_ns = torch.ops.pspnet_fast
+        g = grad.to(ctx.q_dtype)
+        if ctx.relu:
+            g = g * (out > 0).to(g.dtype)  # torch.relu's backward: where the result is positive
+        g_scale = g_shift = None
+        if ctx.has_scale:
+            g_shift = g.sum((0, 2, 3))
+            v = getattr(ops_ns, prefix + "head_epilogue")(z, q, ctx.bins, ctx.align_corners, None, None, False)
+            g_scale = (g * v.to(g.dtype)).sum((0, 2, 3))
+            g = g * scale.view(1, -1, 1, 1)
+        g_q = getattr(ops_ns, prefix + "head_context_backward")(g, ctx.bins, ctx.align_corners)
+        return g.to(ctx.z_dtype), g_q, None, None, g_scale, g_shift, None
+    return backward
+
+
 def _register(prefix: str, with_fake: bool) -> None:
     ns = "pspnet_fast::" + prefix
     if with_fake:
@@ -300,10 +349,15 @@ def _register(prefix: str, with_fake: bool) -> None:
         torch.library.register_fake(ns + "upsample_concat")(_fake_upsample_concat)
         torch.library.register_fake(ns + "upsample_concat_backward")(_fake_upsample_concat_backward)
         torch.library.register_fake(ns + "pyramid_pool_backward")(_fake_pyramid_pool_backward)
+        torch.library.register_fake(ns + "head_epilogue")(_fake_head_epilogue)
+        torch.library.register_fake(ns + "head_context_backward")(_fake_head_context_backward)
     torch.library.register_autograd(ns + "pyramid_pool", _pool_backward_for(prefix), setup_context=_pool_setup)
     torch.library.register_autograd(ns + "ppm_reduce", _reduce_backward, setup_context=_reduce_setup)
     torch.library.register_autograd(ns + "upsample_concat", _upsample_backward_for(prefix),
                                     setup_context=_upsample_setup)
+    if hasattr(torch.ops.pspnet_fast, prefix + "head_epilogue"):
+        torch.library.register_autograd(ns + "head_epilogue", _epilogue_backward_for(prefix),
+                                        setup_context=_epilogue_setup)
 
 
 _registered: set[str] = set()

@@ -18,10 +18,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
 namespace {
+using namespace cpu;  // NOLINT: the shared helpers of cpu_common.h
 
 using at::Tensor;
 
@@ -133,28 +135,11 @@ class OutputCache {
   size_t limit_ = 0;
 };
 
-int64_t total_bins(at::IntArrayRef bins) {
-  int64_t s = 0;
-  for (int64_t b : bins) s += b * b;
-  return s;
-}
-
-void check_bins(at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty(), "pspnet_fast: bins must hold at least one level, got an empty list");
-  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, "pspnet_fast: at most ", kMaxLevels,
-              " pyramid levels are supported, got ", bins.size());
-  for (int64_t b : bins) TORCH_CHECK(b > 0, "pspnet_fast: every bin count must be positive, got ", bins);
-}
-
 void check_x(const Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "pspnet_fast: expected x of shape (N, C, H, W), got ", x.dim(), " dims ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pspnet_fast: expected a floating-point x, got ", x.scalar_type());
   TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
               "pspnet_fast: expected x with C, H, W >= 1, got ", x.sizes());
-}
-
-bool is_channels_last(const Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
 // Combine the (segment row, segment col) sums of one (n, c) into every level's bin means.
@@ -455,44 +440,6 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
   }
   return out;
 }
-
-// Per-level bilinear taps of one output extent: index and weight tables, computed once per call.
-template <typename acc_t>
-struct Taps {
-  std::vector<int64_t> i0, i1;
-  std::vector<acc_t> l0, l1;
-};
-
-template <typename acc_t>
-Taps<acc_t> make_taps(int64_t in, int64_t out, bool align_corners) {
-  Taps<acc_t> t;
-  const acc_t scale = linear_scale<acc_t>(in, out, align_corners);
-  for (int64_t d = 0; d < out; ++d) {
-    const LinearTap<acc_t> tap = linear_tap<acc_t>(scale, d, in, out, align_corners);
-    t.i0.push_back(tap.i0);
-    t.i1.push_back(tap.i1);
-    t.l0.push_back(tap.l0);
-    t.l1.push_back(tap.l1);
-  }
-  return t;
-}
-
-// Every level's row and column taps for an (H x W) output, and each level's first column in the (N, *, S) layout.
-template <typename acc_t>
-struct LevelTaps {
-  std::vector<Taps<acc_t>> th, tw;
-  std::vector<int64_t> offs;
-
-  LevelTaps(at::IntArrayRef bins, int64_t H, int64_t W, bool align_corners) {
-    int64_t off = 0;
-    for (int64_t b : bins) {
-      th.push_back(make_taps<acc_t>(b, H, align_corners));
-      tw.push_back(make_taps<acc_t>(b, W, align_corners));
-      offs.push_back(off);
-      off += b * b;
-    }
-  }
-};
 
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_bins, check_positive_int
+from ..head import psp_head_forward
 from ..reference import PyramidPooling as RefPyramidPooling
 from ..reference import _make_cls
 from .resnet import ResNet
@@ -101,8 +102,10 @@ class PSPNet(nn.Module):
         f3 = self.layer3(f)
         f4 = self.layer4(f3)
         if self.use_ppm:
-            f4 = self.ppm(f4)
-        out = self.cls(f4)
+            # The fused head (pspnet_fast.head) where the PPM is the fused one: cls(ppm(f4)) without the concatenation.
+            out = psp_head_forward(f4, self.ppm, self.cls, getattr(self.ppm, "backend", "reference"))
+        else:
+            out = self.cls(f4)
         size = self._out_size(in_hw, out.shape[-2:])
         if self.zoom_factor != 1:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)

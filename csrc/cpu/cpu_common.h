@@ -1,0 +1,72 @@
+// Helpers shared by the CPU kernels (ppm_cpu.cpp, head_cpu.cpp): bins checks and per-level bilinear tap tables.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "ppm_math.h"
+
+namespace pspnet_fast {
+namespace cpu {
+
+using at::Tensor;
+
+inline int64_t total_bins(at::IntArrayRef bins) {
+  int64_t s = 0;
+  for (int64_t b : bins) s += b * b;
+  return s;
+}
+
+inline void check_bins(at::IntArrayRef bins) {
+  TORCH_CHECK(!bins.empty(), "pspnet_fast: bins must hold at least one level, got an empty list");
+  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, "pspnet_fast: at most ", kMaxLevels,
+              " pyramid levels are supported, got ", bins.size());
+  for (int64_t b : bins) TORCH_CHECK(b > 0, "pspnet_fast: every bin count must be positive, got ", bins);
+}
+
+inline bool is_channels_last(const Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// Per-level bilinear taps of one output extent: index and weight tables, computed once per call.
+template <typename acc_t>
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> l0, l1;
+};
+
+template <typename acc_t>
+inline Taps<acc_t> make_taps(int64_t in, int64_t out, bool align_corners) {
+  Taps<acc_t> t;
+  const acc_t scale = linear_scale<acc_t>(in, out, align_corners);
+  for (int64_t d = 0; d < out; ++d) {
+    const LinearTap<acc_t> tap = linear_tap<acc_t>(scale, d, in, out, align_corners);
+    t.i0.push_back(tap.i0);
+    t.i1.push_back(tap.i1);
+    t.l0.push_back(tap.l0);
+    t.l1.push_back(tap.l1);
+  }
+  return t;
+}
+
+// Every level's row and column taps for an (H x W) output, and each level's first column in the (N, *, S) layout.
+template <typename acc_t>
+struct LevelTaps {
+  std::vector<Taps<acc_t>> th, tw;
+  std::vector<int64_t> offs;
+
+  LevelTaps(at::IntArrayRef bins, int64_t H, int64_t W, bool align_corners) {
+    int64_t off = 0;
+    for (int64_t b : bins) {
+      th.push_back(make_taps<acc_t>(b, H, align_corners));
+      tw.push_back(make_taps<acc_t>(b, W, align_corners));
+      offs.push_back(off);
+      off += b * b;
+    }
+  }
+};
+
+}  // namespace cpu
+}  // namespace pspnet_fast

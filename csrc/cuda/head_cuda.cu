@@ -1,0 +1,961 @@
+// CUDA backend of the fused PSP head's two ops (schemas and contract in csrc/ops.cpp, truth in
+// pspnet_fast/reference.py: head_context / head_epilogue / head_context_backward). No atomics: every output element
+// is a fixed-order sum computed by the one thread that owns it, so results are bitwise reproducible run to run.
+//
+//   head_epilogue          z (N, O, H, W), q (N, O, 9, S) -> act((z + context(q)) * scale + shift)
+//   head_context_backward  grad (N, O, H, W) -> grad_q (N, O, 9, S), context's adjoint
+//
+// context is separable. With Ah_l(ys, i) / Aw_l(xs, j) the bilinear resampling weights of level l (linear_tap:
+// source taps i0, i1 with weights l0, l1) and the zero padding of the 3x3 taps folded in (ys = y + dy - 1 and
+// xs = x + dx - 1 outside the image contribute nothing):
+//   V_l[dx][y][j]  = sum_dy sum_i Ah_l(y + dy - 1, i) q[3 dy + dx][off_l + i b + j]          (vertical pass)
+//   context(y, x)  = sum_l sum_dx sum_j Aw_l(x + dx - 1, j) V_l[dx][y][j]                      (horizontal pass)
+// The K = 3 * sum(bins) rows k = 3 boff_l + dx b + j of V do not depend on W, so a block keeps V for a band of rows
+// in shared memory whatever W is; each output then costs 3 L shared-memory loads (one 8- or 16-byte pair
+// (V[j0], V[j1]) per level and dx) and 6 L multiply-adds, its column taps held in registers (NCHW) or read from a
+// small table with broadcast loads (channels_last, where a warp's lanes are channels of one pixel). The backward runs
+// the same two passes transposed: G_l[dx][y][j] = sum_x Aw_l(x + dx - 1, j) grad(y, x) per row (owner: one thread
+// per (dx, j, y)), then grad_q[3 dy + dx][off_l + i b + j] = sum_y Ah_l(y + dy - 1, i) G_l[dx][y][j] (owner: one
+// thread per output element, accumulated band after band in band order).
+//
+// Numerics: accumulation in float (double for double); the separable order rounds differently from the reference's
+// per-level, per-tap bilinear sums (float32: a few ulps of the sum of |terms|). Non-finite q: a NaN behind a zero
+// weight propagates as in PyTorch, but Inf times a zero weight gives NaN here where the reference's per-tap order
+// may keep Inf. Where even the smallest shared-memory plan does not fit (enormous bins or W), DIRECT kernels compute
+// every output element on its own from global memory: slow, but correct, bounded and deterministic.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "ppm_math.h"
+
+namespace pspnet_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMaxBin = int64_t{1} << 16;  // as ppm_cuda.cu: keeps b^2 and b * H in range
+constexpr int64_t kDefaultSmem = 48 * 1024;    // plans aim under this (no opt-in, more resident blocks)
+constexpr int kHeadThreads = 256;              // block size of the staged kernels (the forward may use fewer)
+constexpr int kDirectThreads = 256;
+constexpr int kMaxChunk = 32;                  // channels_last: channels per block (one warp's lanes)
+
+// Per-level tables, passed by value in the kernel arguments.
+struct HeadLevels {
+  int num;
+  int64_t bins[kMaxLevels];
+  int64_t offs[kMaxLevels + 1];  // column offset of level l in S; offs[num] = S
+  int64_t boff[kMaxLevels + 1];  // prefix sums of bins; K = 3 * boff[num] rows of V / G, level l's from 3 * boff[l]
+};
+
+struct HeadParams {
+  HeadLevels lv;
+  int64_t N, O, H, W, S, K;
+  // Element (n, c, y, x) of z / out / grad at n * sN + c * sC + y * sH + x * sW (contiguous or channels_last).
+  int64_t sN, sC, sH, sW;
+  bool align;
+  bool relu, affine;   // epilogue only
+  bool stage_q;        // epilogue: q of the block's channels staged in shared memory (else read from global)
+  bool stage_z;        // epilogue: each band of z staged in shared memory (many loads in flight; else per output)
+  bool ctab;           // epilogue: column taps from a shared-memory table (channels_last) instead of registers
+  bool col_table;      // backward: column taps of every level in a shared-memory table (else computed per use)
+  int OC;              // channels per block (1 for NCHW)
+  int OCP;             // padded channel stride of staged q / staged grad (OC + 1 when OC > 1: no bank conflicts)
+  int64_t cchunks;     // ceil(O / OC)
+  int RB;              // rows per band
+  int TX, TY;          // epilogue output phase: blockDim = OC * TX * TY, thread (c, tx, ty) with c fastest
+  int64_t off_v;       // dynamic shared memory byte offsets
+  int64_t off_z;
+  int64_t off_ctab;
+  int64_t off_tab;
+  int64_t off_col;
+  int64_t GS;          // backward: row stride (elements) of the staged grad band
+  int64_t total;       // direct kernels: number of output elements
+};
+
+// channels_last epilogue: the column taps of level l at xs (entry l (W + 2) + xs + 1; xs = -1 and W are the zero
+// row's): V row k of the left tap, the two weights. One 16-byte (float) shared-memory load, a broadcast to the warp.
+template <typename T>
+struct alignas(16) ColTap {
+  T w0, w1;
+  int k;
+};
+
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T a, b;  // (V[j], V[j1]) with j1 = j + (j < b - 1): the two column taps of one output in one load
+};
+
+HeadLevels make_head_levels(const char* op, at::IntArrayRef bins) {
+  TORCH_CHECK(!bins.empty(), op, ": bins must hold at least one level, got an empty list");
+  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, op, ": at most ", kMaxLevels,
+              " pyramid levels are supported, got ", bins.size());
+  HeadLevels t{};
+  t.num = static_cast<int>(bins.size());
+  t.offs[0] = 0;
+  t.boff[0] = 0;
+  for (int l = 0; l < t.num; ++l) {
+    const int64_t b = bins[l];
+    TORCH_CHECK(b > 0 && b <= kMaxBin, op, ": every bin count must be in [1, ", kMaxBin, "], got ", bins);
+    t.bins[l] = b;
+    t.offs[l + 1] = t.offs[l] + b * b;
+    t.boff[l + 1] = t.boff[l] + b;
+  }
+  return t;
+}
+
+// A 4-d feature map argument (z, grad).
+void check_map(const char* op, const Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, O, H, W), got ", x.dim(), " dims ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
+              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with H, W >= 1, got ", x.sizes());
+  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
+              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
+}
+
+// channels_last path only when the layout is unambiguous (O == 1 or H == W == 1 tensors are both).
+bool use_channels_last(const Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+int current_device() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+// The most dynamic shared memory one block may opt in to on this device.
+int64_t head_smem_optin() {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));
+  return v;
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > kDefaultSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Rows per band: at most rmax, the bands as even as their count allows (90 rows in 85 + 5 would run a second,
+// nearly empty band; 45 + 45 costs the same shared memory and half the idle threads in the last one).
+int64_t even_bands(int64_t H, int64_t rmax) {
+  const int64_t bands = ceil_div(H, std::max<int64_t>(rmax, 1));
+  return ceil_div(H, bands);
+}
+
+void fill_strides(HeadParams& p, const Tensor& t) {
+  p.sN = t.stride(0);
+  p.sC = t.stride(1);
+  p.sH = t.stride(2);
+  p.sW = t.stride(3);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Device helpers
+// ------------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int64_t div_nn(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  return a / b;
+}
+
+// Level holding index v of a prefix-sum table tab (tab[0] = 0 <= v < tab[num]).
+__device__ __forceinline__ int level_of(const int64_t* tab, int num, int64_t v) {
+  int l = 0;
+  while (l + 1 < num && v >= tab[l + 1]) ++l;
+  return l;
+}
+
+// Entry [dst, i] of the resampling matrix: both taps count, also when they coincide or a weight is 0 (as ATen's
+// upsample backward adds both).
+template <typename acc_t>
+__device__ __forceinline__ acc_t tap_weight(acc_t scale, int64_t dst, int64_t i, int64_t in, int64_t out,
+                                            bool align) {
+  const LinearTap<acc_t> t = linear_tap<acc_t>(scale, dst, in, out, align);
+  const acc_t w = t.i0 == i ? t.l0 : static_cast<acc_t>(0);
+  return t.i1 == i ? w + t.l1 : w;
+}
+
+// First dst in [0, out) whose taps satisfy i1 >= i (upper = false) or i0 > i (upper = true); out if none. Both taps
+// are non-decreasing in dst, so the destinations reaching source sample i are [bound(false), bound(true)).
+template <typename acc_t>
+__device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bool align, bool upper) {
+  int64_t lo = 0, hi = out;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    const LinearTap<acc_t> t = linear_tap<acc_t>(scale, mid, in, out, align);
+    if (upper ? t.i0 > i : t.i1 >= i) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// Copies n contiguous elements global -> shared (dst 16-byte aligned) with 16-byte loads after peeling src to
+// alignment, several loads in flight per thread (as ppm_cuda.cu's stage_contiguous).
+template <typename T>
+__device__ __forceinline__ void stage_contiguous(const T* __restrict__ src, T* __restrict__ dst, int n, int tid,
+                                                 int nt) {
+  constexpr int V = 16 / sizeof(T);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  int head = static_cast<int>(((16 - (a & 15)) & 15) / sizeof(T));
+  head = head < n ? head : n;
+  for (int i = tid; i < head; i += nt) dst[i] = src[i];
+  const int nv = (n - head) / V;
+  const uint4* vs = reinterpret_cast<const uint4*>(src + head);
+  if (head == 0) {
+    uint4* vd = reinterpret_cast<uint4*>(dst);
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) {
+      const uint4 v = __ldg(vs + i);
+      T e[V];
+      memcpy(e, &v, 16);
+#pragma unroll
+      for (int k = 0; k < V; ++k) dst[head + i * V + k] = e[k];
+    }
+  }
+  for (int i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// head_epilogue
+// ------------------------------------------------------------------------------------------------------------------
+
+// z, out: element (n, c, y, x) at n sN + c sC + y sH + x sW; q (N, O, 9, S), scale / shift (O) contiguous, acc_t.
+// One block per (n, chunk of OC channels); it stages its channels' q (qs[(t S + s) OCP + c]) once, then for each
+// band of RB rows: (0) the band of z is copied to shared memory (zs[(yl W + x) OC + c], memory order; NCHW: one
+// contiguous run, 16-byte loads), so that the block has many loads in flight at once instead of one per thread and
+// output; (1) V[(k RB + yl) OC + c] = (V_k(y), V_k1(y)) pairs, items (c, yl, k) with c fastest; (2) every
+// thread (c, tx, ty) takes the columns x = tx + m TX with their 3 L column taps in registers and, for each, the rows
+// yl = ty + m' TY of the band: one shared-memory pair per (level, dx), read coalesced / conflict free (consecutive
+// threads: consecutive channels, or consecutive columns when OC = 1).
+template <typename scalar_t, typename acc_t, int LMAX>
+__global__ void __launch_bounds__(kHeadThreads)
+    head_epilogue_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ q, const acc_t* __restrict__ scale,
+                         const acc_t* __restrict__ shift, scalar_t* __restrict__ out,
+                         const __grid_constant__ HeadParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* qs = reinterpret_cast<acc_t*>(smem);
+  Pair<acc_t>* V = reinterpret_cast<Pair<acc_t>*>(smem + p.off_v);
+  scalar_t* zs = reinterpret_cast<scalar_t*>(smem + p.off_z);
+  ColTap<acc_t>* ctab = reinterpret_cast<ColTap<acc_t>*>(smem + p.off_ctab);
+
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int L = p.lv.num;
+  const int OC = p.OC, OCP = p.OCP, RB = p.RB;
+  const int64_t S = p.S, H = p.H, W = p.W;
+  const int64_t n = div_nn(blockIdx.x, p.cchunks);
+  const int64_t c0 = (blockIdx.x - n * p.cchunks) * OC;
+  const int oc = static_cast<int>(min(static_cast<int64_t>(OC), p.O - c0));  // channels that exist
+  const int64_t qplane = 9 * S;
+  const acc_t* qn = q + (n * p.O + c0) * qplane;  // channel c0 + c: qn[c * 9S + t * S + s]
+
+  if (p.stage_q) {
+    // Global reads in memory order (coalesced), shared writes at stride OCP (odd when OC > 1: no bank conflicts).
+    const int64_t items = static_cast<int64_t>(OC) * qplane;
+    for (int64_t e = tid; e < items; e += nt) {
+      const int64_t c = div_nn(e, qplane);
+      const int64_t ts = e - c * qplane;
+      qs[ts * OCP + c] = c < oc ? qn[e] : static_cast<acc_t>(0);
+    }
+  }
+
+  if (p.ctab) {
+    const int64_t W2 = W + 2;
+    for (int64_t it = tid; it < L * W2; it += nt) {
+      const int l = static_cast<int>(div_nn(it, W2));
+      const int64_t xs = it - l * W2 - 1;
+      const int64_t b = p.lv.bins[l];
+      ColTap<acc_t> e;
+      if (xs >= 0 && xs < W) {
+        const LinearTap<acc_t> tw = linear_tap<acc_t>(linear_scale<acc_t>(b, W, p.align), xs, b, W, p.align);
+        e.w0 = tw.l0;
+        e.w1 = tw.l1;
+        e.k = static_cast<int>(3 * p.lv.boff[l] + tw.i0);  // + dx * b at the use
+      } else {
+        e.w0 = e.w1 = 0;
+        e.k = -1;  // the zero row K at the use
+      }
+      ctab[it] = e;
+    }
+  }
+
+  // Output phase geometry.
+  const int c = tid % OC;
+  const int txy = tid / OC;
+  const int tx = txy % p.TX;
+  const int ty = txy / p.TX;
+  const bool active = c < oc && ty < p.TY;
+  const int64_t ch = c0 + c;
+  const acc_t sc = (active && p.affine) ? scale[ch] : static_cast<acc_t>(1);
+  const acc_t sf = (active && p.affine) ? shift[ch] : static_cast<acc_t>(0);
+
+  for (int64_t y0 = 0; y0 < H; y0 += RB) {
+    const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
+    __syncthreads();  // q staged; the previous band's readers are done with V and zs
+    // (0) The band of z, several loads in flight per thread (read once, in memory order).
+    if (p.stage_z) {
+      const scalar_t* zb = z + n * p.sN + c0 * p.sC + y0 * p.sH;
+      if (OC == 1 && p.sW == 1 && p.sH == W) {  // NCHW: rows y0 .. y0 + rb of one plane, contiguous
+        stage_contiguous(zb, zs, static_cast<int>(rb * W), tid, nt);
+      } else {  // channels_last: per pixel a run of oc channels (OC may be 1 under a small shared-memory limit)
+        const int band = static_cast<int>(rb * W * OC);
+#pragma unroll 4
+        for (int it = tid; it < band; it += nt) {
+          const int pix = it / OC;
+          const int cc = it - pix * OC;
+          const int yl = pix / static_cast<int>(W);
+          const int x = pix - yl * static_cast<int>(W);
+          zs[it] = cc < oc ? zb[cc * p.sC + yl * p.sH + x * p.sW] : static_cast<scalar_t>(0);
+        }
+      }
+    }
+    // (1) Vertical pass; row K of V is zero (the column taps outside the image point there).
+    const int64_t items = (p.K + 1) * rb * OC;
+    for (int64_t it = tid; it < items; it += nt) {
+      const int64_t r = div_nn(it, OC);
+      const int cc = static_cast<int>(it - r * OC);
+      const int64_t k = div_nn(r, rb);
+      const int yl = static_cast<int>(r - k * rb);
+      if (k == p.K) {
+        V[(k * RB + yl) * OC + cc] = Pair<acc_t>{0, 0};
+        continue;
+      }
+      const int l = level_of(p.lv.boff, L, div_nn(k, 3));  // k / 3 < boff[l + 1] iff k < 3 boff[l + 1]
+      const int64_t b = p.lv.bins[l];
+      const int64_t kk = k - 3 * p.lv.boff[l];
+      const int64_t dx = div_nn(kk, b);
+      const int64_t j = kk - dx * b;
+      // The right column tap, as linear_tap picks it: none when the level keeps W's size (b == W, a copy).
+      const int64_t j1 = (j < b - 1 && b != W) ? j + 1 : j;
+      acc_t v0 = 0, v1 = 0;
+      if (cc < oc) {
+        const acc_t sh = linear_scale<acc_t>(b, H, p.align);
+        const int64_t y = y0 + yl;
+        for (int dy = 0; dy < 3; ++dy) {
+          const int64_t ys = y + dy - 1;
+          if (ys < 0 || ys >= H) continue;
+          const LinearTap<acc_t> th = linear_tap<acc_t>(sh, ys, b, H, p.align);
+          const int64_t base = (3 * dy + dx) * S + p.lv.offs[l];
+          const int64_t r0 = base + th.i0 * b, r1 = base + th.i1 * b;
+          acc_t a00, a01, a10, a11;
+          if (p.stage_q) {
+            a00 = qs[(r0 + j) * OCP + cc];
+            a01 = qs[(r0 + j1) * OCP + cc];
+            a10 = qs[(r1 + j) * OCP + cc];
+            a11 = qs[(r1 + j1) * OCP + cc];
+          } else {
+            const acc_t* qc = qn + cc * qplane;
+            a00 = qc[r0 + j];
+            a01 = qc[r0 + j1];
+            a10 = qc[r1 + j];
+            a11 = qc[r1 + j1];
+          }
+          if (b == H) {  // the level keeps H's size: a copy (th.l1 == 0, i1 == i0), as ATen's CPU kernel
+            v0 += th.l0 * a00;
+            v1 += th.l0 * a01;
+          } else {
+            v0 += th.l0 * a00 + th.l1 * a10;
+            v1 += th.l0 * a01 + th.l1 * a11;
+          }
+        }
+      }
+      V[(k * RB + yl) * OC + cc] = Pair<acc_t>{v0, v1};
+    }
+    __syncthreads();
+    // (2) Horizontal pass and the epilogue.
+    if (!active) continue;
+    if (p.ctab) {
+      // channels_last: the warp's lanes are channels of one pixel, so the table reads are broadcasts.
+      const int W2 = static_cast<int>(W) + 2;
+      const int K = static_cast<int>(p.K);
+      for (int x = tx; x < static_cast<int>(W); x += p.TX) {
+        for (int yl = ty; yl < rb; yl += p.TY) {
+          acc_t ctx = 0;
+          for (int l = 0; l < L; ++l) {
+            const int b = static_cast<int>(p.lv.bins[l]);
+#pragma unroll
+            for (int dx = 0; dx < 3; ++dx) {
+              const ColTap<acc_t> e = ctab[l * W2 + x + dx];  // xs + 1 = x + dx
+              const int k = e.k < 0 ? K : e.k + dx * b;
+              const Pair<acc_t> v = V[(k * RB + yl) * OC + c];
+              ctx = fused_mul_add(e.w0, v.a, ctx);
+              ctx = fused_mul_add(e.w1, v.b, ctx);
+            }
+          }
+          const int64_t ge = n * p.sN + ch * p.sC + (y0 + yl) * p.sH + x * p.sW;
+          const scalar_t zv = p.stage_z ? zs[(yl * static_cast<int>(W) + x) * OC + c] : z[ge];
+          acc_t v = static_cast<acc_t>(zv) + ctx;
+          if (p.affine) v = v * sc + sf;
+          if (p.relu) v = relu_nan(v);
+          out[ge] = static_cast<scalar_t>(v);
+        }
+      }
+      continue;
+    }
+    for (int64_t x = tx; x < W; x += p.TX) {
+      // Per (level, dx): index of V row k (left tap j0; the zero row K when xs is outside the image) at yl = 0.
+      int cj[LMAX * 3];
+      acc_t cw0[LMAX * 3], cw1[LMAX * 3];
+#pragma unroll
+      for (int l = 0; l < LMAX; ++l) {
+        if (l < L) {
+          const int64_t b = p.lv.bins[l];
+          const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+#pragma unroll
+          for (int dx = 0; dx < 3; ++dx) {
+            const int64_t xs = x + dx - 1;
+            if (xs >= 0 && xs < W) {
+              const LinearTap<acc_t> tw = linear_tap<acc_t>(sw, xs, b, W, p.align);
+              // The pair at tw.i0 holds (V[tw.i0], V[tw.i1]): the same rule picks j1 in the vertical pass.
+              cj[3 * l + dx] = static_cast<int>((3 * p.lv.boff[l] + dx * b + tw.i0) * RB * OC + c);
+              cw0[3 * l + dx] = tw.l0;
+              cw1[3 * l + dx] = tw.l1;
+            } else {
+              cj[3 * l + dx] = static_cast<int>(p.K * RB * OC + c);
+              cw0[3 * l + dx] = cw1[3 * l + dx] = 0;
+            }
+          }
+        }
+      }
+      for (int yl = ty; yl < rb; yl += p.TY) {
+        acc_t ctx = 0;
+#pragma unroll
+        for (int l = 0; l < LMAX; ++l) {
+          if (l < L) {
+#pragma unroll
+            for (int dx = 0; dx < 3; ++dx) {
+              // Shared-memory indices fit int (the plan keeps V under the opt-in limit).
+              const Pair<acc_t> v = V[cj[3 * l + dx] + yl * OC];
+              ctx = fused_mul_add(cw0[3 * l + dx], v.a, ctx);
+              ctx = fused_mul_add(cw1[3 * l + dx], v.b, ctx);
+            }
+          }
+        }
+        const int64_t e = n * p.sN + ch * p.sC + (y0 + yl) * p.sH + x * p.sW;
+        const scalar_t zv = p.stage_z ? zs[(yl * static_cast<int>(W) + static_cast<int>(x)) * OC + c] : z[e];
+        acc_t v = static_cast<acc_t>(zv) + ctx;
+        if (p.affine) v = v * sc + sf;
+        if (p.relu) v = relu_nan(v);
+        out[e] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+}
+
+// Fallback: one thread per output element (grid-stride, in the output's memory order), q read from global memory,
+// each level and tap through linear_tap / bilinear in ATen's order, summed in the reference's order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kDirectThreads)
+    head_epilogue_direct_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ q,
+                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                                scalar_t* __restrict__ out, const __grid_constant__ HeadParams p) {
+  const int64_t H = p.H, W = p.W, O = p.O, S = p.S;
+  const bool cl = p.sC == 1 && O > 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
+    int64_t n, c, y, x;
+    if (cl) {  // memory order (n, y, x, c)
+      c = e % O;
+      int64_t r = e / O;
+      x = r % W;
+      r /= W;
+      y = r % H;
+      n = r / H;
+    } else {  // memory order (n, c, y, x)
+      x = e % W;
+      int64_t r = e / W;
+      y = r % H;
+      r /= H;
+      c = r % O;
+      n = r / O;
+    }
+    const acc_t* qc = q + (n * O + c) * 9 * S;
+    acc_t ctx = 0;
+    for (int l = 0; l < p.lv.num; ++l) {
+      const int64_t b = p.lv.bins[l];
+      const acc_t sh = linear_scale<acc_t>(b, H, p.align);
+      const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+      for (int t = 0; t < 9; ++t) {
+        const int64_t ys = y + t / 3 - 1, xs = x + t % 3 - 1;
+        if (ys < 0 || ys >= H || xs < 0 || xs >= W) continue;
+        const LinearTap<acc_t> th = linear_tap<acc_t>(sh, ys, b, H, p.align);
+        const LinearTap<acc_t> tw = linear_tap<acc_t>(sw, xs, b, W, p.align);
+        const acc_t* m = qc + t * S + p.lv.offs[l];
+        ctx += bilinear<acc_t>(th.l0, th.l1, tw.l0, tw.l1, m[th.i0 * b + tw.i0], m[th.i0 * b + tw.i1],
+                               m[th.i1 * b + tw.i0], m[th.i1 * b + tw.i1]);
+      }
+    }
+    const int64_t off = n * p.sN + c * p.sC + y * p.sH + x * p.sW;
+    acc_t v = static_cast<acc_t>(z[off]) + ctx;
+    if (p.affine) v = v * scale[c] + shift[c];
+    if (p.relu) v = relu_nan(v);
+    out[off] = static_cast<scalar_t>(v);
+  }
+}
+
+// Picks OC, RB and what to stage so that shared memory fits: first under the default 48 KiB (more resident blocks),
+// then up to the opt-in limit; z bands are given up last (large W), q before them, and channels_last halves its
+// channel chunk before giving up either. Returns the bytes, or -1 when no staged plan fits (the direct kernel runs).
+int64_t plan_epilogue(HeadParams& p, bool cl, int64_t asz, int64_t esz, int64_t optin) {
+  int64_t oc0 = 1;
+  if (cl) {
+    while (oc0 < p.O && oc0 < kMaxChunk) oc0 *= 2;
+  }
+  const int64_t tap_sz = asz == 8 ? sizeof(ColTap<double>) : sizeof(ColTap<float>);
+  const int64_t ctab_b = align16(p.lv.num * (p.W + 2) * tap_sz);
+  for (const int64_t budget : {std::min(kDefaultSmem, optin), optin}) {
+    for (const bool stage_z : {true, false}) {
+      for (const bool stage_q : {true, false}) {
+        for (int64_t oc = oc0; oc >= 1; oc /= 2) {
+          const int64_t ocp = oc > 1 ? oc + 1 : 1;
+          const bool ctab = oc > 1 && ctab_b <= budget / 4;  // channels_last only, and only while it is small
+          const int64_t q_b = stage_q ? align16(9 * p.S * ocp * asz) : 0;
+          const int64_t fixed = q_b + (ctab ? ctab_b : 0);
+          const int64_t v_row = (p.K + 1) * oc * 2 * asz;  // V rows 0..K, K the zero row
+          const int64_t z_row = stage_z ? p.W * oc * esz : 0;
+          if (fixed + v_row + z_row + 16 > budget) continue;
+          const int64_t rb = even_bands(p.H, (budget - fixed - 16) / (v_row + z_row));
+          // Shared-memory element indices are int in the kernel.
+          if (rb * (v_row + z_row) > std::numeric_limits<int32_t>::max() / 2) continue;
+          p.stage_q = stage_q;
+          p.stage_z = stage_z;
+          p.ctab = ctab;
+          p.off_ctab = q_b;
+          p.OC = static_cast<int>(oc);
+          p.OCP = static_cast<int>(ocp);
+          p.RB = static_cast<int>(rb);
+          p.off_v = fixed;
+          p.off_z = align16(fixed + rb * v_row);
+          const int64_t tx = std::min<int64_t>(p.W, kHeadThreads / oc);
+          p.TX = static_cast<int>(tx);
+          p.TY = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rb, kHeadThreads / (oc * tx))));
+          return p.off_z + rb * z_row;
+        }
+      }
+    }
+  }
+  return -1;
+}
+
+template <typename scalar_t>
+void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, const Tensor& shift, Tensor& out,
+                     HeadParams& p, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const char* op = "head_epilogue";
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  const acc_t* qp = q.const_data_ptr<acc_t>();
+  const acc_t* scp = p.affine ? scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* shp = p.affine ? shift.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+  const int64_t smem = plan_epilogue(p, cl, sizeof(acc_t), sizeof(scalar_t), head_smem_optin());
+  if (smem < 0) {
+    p.total = p.N * p.O * p.H * p.W;
+    const int64_t blocks = std::min<int64_t>(ceil_div(p.total, kDirectThreads), int64_t{1} << 20);
+    auto direct = head_epilogue_direct_kernel<scalar_t, acc_t>;
+    direct<<<static_cast<unsigned>(blocks), kDirectThreads, 0, stream>>>(zp, qp, scp, shp, op_, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  p.cchunks = ceil_div(p.O, p.OC);
+  const int64_t blocks = p.N * p.cchunks;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": N * ceil(O / ", p.OC, ") = ", blocks,
+              " blocks is too many for one launch");
+  const int threads = p.OC * p.TX * p.TY;
+  auto kernel = p.lv.num <= 4 ? head_epilogue_kernel<scalar_t, acc_t, 4> : head_epilogue_kernel<scalar_t, acc_t, 16>;
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(zp, qp, scp, shp, op_, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor head_epilogue_cuda(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef bins, bool align_corners,
+                          const std::optional<Tensor>& scale, const std::optional<Tensor>& shift, bool relu) {
+  const char* op = "head_epilogue";
+  check_map(op, z_in, "z");
+  const HeadLevels lv = make_head_levels(op, bins);
+  const int64_t N = z_in.size(0), O = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
+  const int64_t S = lv.offs[lv.num];
+  TORCH_CHECK(q_in.is_cuda() && q_in.device() == z_in.device(), op, ": expected q on ", z_in.device(),
+              " (z's device), got ", q_in.device());
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(0) == N && q_in.size(1) == O && q_in.size(2) == 9 && q_in.size(3) == S,
+              op, ": expected q of shape (", N, ", ", O, ", 9, ", S, ") for z of shape ", z_in.sizes(), " and bins ",
+              bins, ", got ", q_in.sizes());
+  const auto acc_type = z_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(q_in.scalar_type() == acc_type, op, ": expected q of dtype ", acc_type, " for z of dtype ",
+              z_in.scalar_type(), ", got ", q_in.scalar_type());
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op, ": scale and shift come together, got ",
+              scale.has_value() ? "scale without shift" : "shift without scale");
+  const bool affine = scale.has_value();
+  Tensor scale_c, shift_c;
+  if (affine) {
+    for (const Tensor* t : {&*scale, &*shift}) {
+      const char* name = t == &*scale ? "scale" : "shift";
+      TORCH_CHECK(t->is_cuda() && t->device() == z_in.device(), op, ": expected ", name, " on ", z_in.device(),
+                  " (z's device), got ", t->device());
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == O, op, ": expected ", name, " of shape (", O, "), got ",
+                  t->sizes());
+      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": expected ", name,
+                  " of dtype float32 or float64, got ", t->scalar_type());
+    }
+    scale_c = scale->to(acc_type).contiguous();
+    shift_c = shift->to(acc_type).contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const bool cl = use_channels_last(z_in);
+  Tensor out = at::empty({N, O, H, W}, z_in.options(), cl ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const Tensor z = cl ? z_in : z_in.contiguous();
+  const Tensor q = q_in.contiguous();
+
+  HeadParams p{};
+  p.lv = lv;
+  p.N = N;
+  p.O = O;
+  p.H = H;
+  p.W = W;
+  p.S = S;
+  p.K = 3 * lv.boff[lv.num];
+  fill_strides(p, out);  // z has out's strides: both contiguous in the same memory format
+  p.align = align_corners;
+  p.relu = relu;
+  p.affine = affine;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "head_epilogue_cuda",
+                                  [&] { launch_epilogue<scalar_t>(z, q, scale_c, shift_c, out, p, cl); });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// head_context_backward
+// ------------------------------------------------------------------------------------------------------------------
+
+// grad: element (n, c, y, x) at n sN + c sC + y sH + x sW (contiguous or channels_last); out (N, O, 9, S) contiguous.
+// One block per (n, chunk of OC channels). Shared memory: per band of RB rows the band of grad (gs[yl GS + x OCP + c],
+// in acc_t) and G[(k RB + yl) OC + c]; tab (rlo | rhi | clo | cmid | chi, sum(bins) ints each: the destination ranges
+// whose taps reach each source row / column of each level); an optional column table (per level and column xs: its
+// weight on its left tap and on its right tap), without which the weights are computed per use:
+//   (1) G items (c, yl, k), c fastest: sum over the columns x whose tap xs = x + dx - 1 reaches j, in x order;
+//   (2) output items (c, t, s): sum over the band's rows whose tap ys = y + dy - 1 reaches i, in y order; the first
+//       band assigns, later bands add (the same thread owns the same items in every band: a fixed order).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kHeadThreads)
+    head_bwd_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ HeadParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
+  acc_t* gs = reinterpret_cast<acc_t*>(smem);
+  acc_t* G = reinterpret_cast<acc_t*>(smem + p.off_v);
+  // Column table, entry l W + xs: colA = the weight of column xs on its left tap i0 (l0, plus l1 when i1 == i0),
+  // colB = its weight on the right tap i1 (l1).
+  acc_t* colA = reinterpret_cast<acc_t*>(smem + p.off_col);
+  acc_t* colB = colA + p.lv.num * p.W;
+
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int L = p.lv.num;
+  const int OC = p.OC, OCP = p.OCP, RB = p.RB;
+  const int64_t S = p.S, H = p.H, W = p.W;
+  const int64_t sumb = p.lv.boff[L];
+  const int64_t n = div_nn(blockIdx.x, p.cchunks);
+  const int64_t c0 = (blockIdx.x - n * p.cchunks) * OC;
+  const int oc = static_cast<int>(min(static_cast<int64_t>(OC), p.O - c0));
+  const int64_t qplane = 9 * S;
+  acc_t* on = out + (n * p.O + c0) * qplane;  // channel c0 + c: on[c * 9S + t * S + s]
+  const scalar_t* gn = g + n * p.sN + c0 * p.sC;
+
+  // Per source row i (column j) of every level, the destinations whose taps reach it: rows [rlo, rhi), columns
+  // [clo, chi), of which [clo, cmid) reach j as their right tap only (i0 = j - 1) and [cmid, chi) as their left tap.
+  for (int64_t it = tid; it < 5 * sumb; it += nt) {
+    const int64_t part = div_nn(it, sumb);  // 0 rlo, 1 rhi, 2 clo, 3 cmid, 4 chi
+    const int64_t bi = it - part * sumb;
+    const int l = level_of(p.lv.boff, L, bi);
+    const int64_t b = p.lv.bins[l];
+    const int64_t i = bi - p.lv.boff[l];
+    const int64_t ext = part >= 2 ? W : H;
+    const acc_t sc = linear_scale<acc_t>(b, ext, p.align);
+    int64_t v;
+    if (part == 3) {
+      v = i == 0 ? 0 : tap_bound<acc_t>(sc, i - 1, b, ext, p.align, true);  // first xs with i0 >= j
+    } else {
+      v = tap_bound<acc_t>(sc, i, b, ext, p.align, part == 1 || part == 4);
+    }
+    tab[it] = static_cast<int>(v);
+  }
+  if (p.col_table) {
+    for (int64_t it = tid; it < L * W; it += nt) {
+      const int l = static_cast<int>(div_nn(it, W));
+      const int64_t xs = it - l * W;
+      const int64_t b = p.lv.bins[l];
+      const LinearTap<acc_t> tw = linear_tap<acc_t>(linear_scale<acc_t>(b, W, p.align), xs, b, W, p.align);
+      colA[it] = tw.i1 == tw.i0 ? tw.l0 + tw.l1 : tw.l0;  // tap_weight's sum when the taps coincide
+      colB[it] = tw.l1;
+    }
+  }
+  const int* rlo = tab;
+  const int* rhi = tab + sumb;
+  const int* clo = tab + 2 * sumb;
+  const int* cmid = tab + 3 * sumb;
+  const int* chi = tab + 4 * sumb;
+
+  for (int64_t y0 = 0; y0 < H; y0 += RB) {
+    const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
+    __syncthreads();  // tables written; the previous band's readers are done with gs and G
+    // Stage the band of grad, converted to acc_t; reads in memory order of the layout.
+    const int64_t band = static_cast<int64_t>(rb) * W * OC;
+    for (int64_t it = tid; it < band; it += nt) {
+      int64_t c, pix;
+      if (OC > 1) {  // channels_last: channel fastest
+        pix = div_nn(it, OC);
+        c = it - pix * OC;
+      } else {
+        c = 0;
+        pix = it;
+      }
+      const int64_t yl = div_nn(pix, W);
+      const int64_t x = pix - yl * W;
+      gs[yl * p.GS + x * OCP + c] = c < oc ? static_cast<acc_t>(gn[c * p.sC + (y0 + yl) * p.sH + x * p.sW])
+                                 : static_cast<acc_t>(0);
+    }
+    __syncthreads();
+    // (1) Horizontal adjoint.
+    const int64_t items = p.K * rb * OC;
+    for (int64_t it = tid; it < items; it += nt) {
+      const int64_t r = div_nn(it, OC);
+      const int cc = static_cast<int>(it - r * OC);
+      const int64_t k = div_nn(r, rb);
+      const int yl = static_cast<int>(r - k * rb);
+      const int l = level_of(p.lv.boff, L, div_nn(k, 3));
+      const int64_t b = p.lv.bins[l];
+      const int64_t kk = k - 3 * p.lv.boff[l];
+      const int64_t dx = div_nn(kk, b);
+      const int64_t j = kk - dx * b;
+      const int64_t bj = p.lv.boff[l] + j;
+      // Columns x with xs = x + dx - 1 in [clo, chi) and x in [0, W), in x order.
+      const int64_t xa = max(static_cast<int64_t>(clo[bj]) + 1 - dx, int64_t{0});
+      const int64_t xb = min(static_cast<int64_t>(chi[bj]) + 1 - dx, W);
+      const acc_t* row = gs + static_cast<int64_t>(yl) * p.GS + cc;
+      acc_t s = 0;
+      if (p.col_table) {
+        // Shared-memory indices fit int. Right-tap columns first (weight colB), then left-tap ones (colA).
+        const int xm = static_cast<int>(min(max(static_cast<int64_t>(cmid[bj]) + 1 - dx, xa), xb));
+        const int ocp = OCP;
+        const int e0 = l * static_cast<int>(W) + static_cast<int>(dx) - 1;  // column x's entry: e0 + x >= 0
+        for (int x = static_cast<int>(xa); x < xm; ++x) s = fused_mul_add(colB[e0 + x], row[x * ocp], s);
+        for (int x = xm; x < static_cast<int>(xb); ++x) s = fused_mul_add(colA[e0 + x], row[x * ocp], s);
+      } else {
+        const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+        for (int64_t x = xa; x < xb; ++x) {
+          s += tap_weight<acc_t>(sw, x + dx - 1, j, b, W, p.align) * row[x * OCP];
+        }
+      }
+      G[(k * RB + yl) * OC + cc] = s;
+    }
+    __syncthreads();
+    // (2) Vertical adjoint into the outputs.
+    const int64_t outs = qplane * OC;
+    for (int64_t it = tid; it < outs; it += nt) {
+      int64_t cc, ts;
+      if (OC > 1) {  // channel fastest: conflict-free reads of G
+        ts = div_nn(it, OC);
+        cc = it - ts * OC;
+      } else {
+        cc = 0;
+        ts = it;
+      }
+      if (cc >= oc) continue;
+      const int64_t t = div_nn(ts, S);
+      const int64_t sidx = ts - t * S;
+      const int l = level_of(p.lv.offs, L, sidx);
+      const int64_t b = p.lv.bins[l];
+      const int64_t si = sidx - p.lv.offs[l];
+      const int64_t i = div_nn(si, b);
+      const int64_t j = si - i * b;
+      const int64_t dy = div_nn(t, 3);
+      const int64_t dx = t - 3 * dy;
+      const int64_t bi = p.lv.boff[l] + i;
+      // Rows y of this band with ys = y + dy - 1 in [rlo, rhi).
+      const int64_t ya = max(static_cast<int64_t>(rlo[bi]) + 1 - dy, max(y0, int64_t{0}));
+      const int64_t yb = min(static_cast<int64_t>(rhi[bi]) + 1 - dy, min(y0 + rb, H));
+      const int64_t k = 3 * p.lv.boff[l] + dx * b + j;
+      const acc_t sh = linear_scale<acc_t>(b, H, p.align);
+      acc_t s = 0;
+      for (int64_t y = ya; y < yb; ++y) {
+        s += tap_weight<acc_t>(sh, y + dy - 1, i, b, H, p.align) * G[(k * RB + (y - y0)) * OC + cc];
+      }
+      acc_t* d = on + cc * qplane + ts;
+      if (y0 == 0) {
+        *d = s;
+      } else if (ya < yb) {
+        *d += s;
+      }
+    }
+  }
+}
+
+// Fallback: one thread per output element (n, c, t, s), grad read from global memory; rows and columns reaching
+// (i, j) found by binary search; the sum runs row by row (a row's columns first), a fixed order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kDirectThreads)
+    head_bwd_direct_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out,
+                           const __grid_constant__ HeadParams p) {
+  const int64_t H = p.H, W = p.W, S = p.S;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
+    const int64_t sidx = e % S;
+    int64_t r = e / S;
+    const int64_t t = r % 9;
+    r /= 9;
+    const int64_t c = r % p.O;
+    const int64_t n = r / p.O;
+    const int l = level_of(p.lv.offs, p.lv.num, sidx);
+    const int64_t b = p.lv.bins[l];
+    const int64_t si = sidx - p.lv.offs[l];
+    const int64_t i = si / b, j = si - (si / b) * b;
+    const int64_t dy = t / 3, dx = t % 3;
+    const acc_t sh = linear_scale<acc_t>(b, H, p.align);
+    const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+    const int64_t ya = max(tap_bound<acc_t>(sh, i, b, H, p.align, false) + 1 - dy, int64_t{0});
+    const int64_t yb = min(tap_bound<acc_t>(sh, i, b, H, p.align, true) + 1 - dy, H);
+    const int64_t xa = max(tap_bound<acc_t>(sw, j, b, W, p.align, false) + 1 - dx, int64_t{0});
+    const int64_t xb = min(tap_bound<acc_t>(sw, j, b, W, p.align, true) + 1 - dx, W);
+    const scalar_t* gp = g + n * p.sN + c * p.sC;
+    acc_t s = 0;
+    for (int64_t y = ya; y < yb; ++y) {
+      acc_t rs = 0;
+      for (int64_t x = xa; x < xb; ++x) {
+        rs += tap_weight<acc_t>(sw, x + dx - 1, j, b, W, p.align) * static_cast<acc_t>(gp[y * p.sH + x * p.sW]);
+      }
+      s += tap_weight<acc_t>(sh, y + dy - 1, i, b, H, p.align) * rs;
+    }
+    out[e] = s;
+  }
+}
+
+// Picks OC, RB and the column table: under 48 KiB first, then up to the opt-in limit; -1 when nothing fits.
+int64_t plan_backward(HeadParams& p, bool cl, int64_t asz, int64_t optin) {
+  int64_t oc0 = 1;
+  if (cl) {
+    while (oc0 < p.O && oc0 < kMaxChunk) oc0 *= 2;
+  }
+  const int64_t L = p.lv.num;
+  const int64_t tab_b = align16(5 * p.lv.boff[L] * 4);
+  const int64_t col_b = align16(2 * L * p.W * asz);
+  for (const int64_t budget : {std::min(kDefaultSmem, optin), optin}) {
+    for (const bool col : {true, false}) {
+      for (int64_t oc = oc0; oc >= 1; oc /= 2) {
+        const int64_t ocp = oc > 1 ? oc + 1 : 1;
+        const int64_t fixed = tab_b + (col ? col_b : 0);
+        // Per row of a band: the staged grad row and the K entries of G.
+        const int64_t gs_stride = oc > 1 ? p.W * ocp : (p.W | 1);  // odd: rows of a warp's items in distinct banks
+        const int64_t per_row_gs = gs_stride * asz;
+        const int64_t per_row_g = p.K * oc * asz;
+        const int64_t need1 = fixed + align16(per_row_gs) + align16(per_row_g);
+        if (need1 > budget) continue;
+        const int64_t rmax = std::max<int64_t>(1, (budget - fixed - 32) / (per_row_gs + per_row_g));
+        const int64_t rb = even_bands(p.H, rmax);
+        p.col_table = col;
+        p.GS = gs_stride;
+        p.OC = static_cast<int>(oc);
+        p.OCP = static_cast<int>(ocp);
+        p.RB = static_cast<int>(rb);
+        p.off_v = align16(rb * per_row_gs);
+        p.off_tab = p.off_v + align16(rb * per_row_g);
+        p.off_col = p.off_tab + tab_b;
+        return p.off_col + (col ? col_b : 0);
+      }
+    }
+  }
+  return -1;
+}
+
+template <typename scalar_t>
+void launch_backward(const Tensor& g, Tensor& out, HeadParams& p, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const char* op = "head_context_backward";
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t smem = plan_backward(p, cl, sizeof(acc_t), head_smem_optin());
+  if (smem < 0) {
+    p.total = p.N * p.O * 9 * p.S;
+    const int64_t blocks = std::min<int64_t>(ceil_div(p.total, kDirectThreads), int64_t{1} << 20);
+    auto direct = head_bwd_direct_kernel<scalar_t, acc_t>;
+    direct<<<static_cast<unsigned>(blocks), kDirectThreads, 0, stream>>>(g.const_data_ptr<scalar_t>(),
+                                                                        out.mutable_data_ptr<acc_t>(), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  p.cchunks = ceil_div(p.O, p.OC);
+  const int64_t blocks = p.N * p.cchunks;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": N * ceil(O / ", p.OC, ") = ", blocks,
+              " blocks is too many for one launch");
+  auto kernel = head_bwd_kernel<scalar_t, acc_t>;
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), kHeadThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
+                                                                        out.mutable_data_ptr<acc_t>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor head_context_backward_cuda(const Tensor& grad_in, at::IntArrayRef bins, bool align_corners) {
+  const char* op = "head_context_backward";
+  check_map(op, grad_in, "grad");
+  const HeadLevels lv = make_head_levels(op, bins);
+  const int64_t N = grad_in.size(0), O = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t S = lv.offs[lv.num];
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const auto out_type = grad_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({N, O, 9, S}, grad_in.options().dtype(out_type));
+  if (out.numel() == 0) return out;
+  const bool cl = use_channels_last(grad_in);
+  const Tensor g = cl ? grad_in : grad_in.contiguous();
+
+  HeadParams p{};
+  p.lv = lv;
+  p.N = N;
+  p.O = O;
+  p.H = H;
+  p.W = W;
+  p.S = S;
+  p.K = 3 * lv.boff[lv.num];
+  fill_strides(p, g);
+  p.align = align_corners;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "head_context_backward_cuda",
+                                  [&] { launch_backward<scalar_t>(g, out, p, cl); });
+  return out;
+}
+
+}  // namespace
+}  // namespace pspnet_fast
+
+TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m) {
+  m.impl("head_epilogue", &pspnet_fast::head_epilogue_cuda);
+  m.impl("head_context_backward", &pspnet_fast::head_context_backward_cuda);
+}
