@@ -10,9 +10,13 @@
 // Their adjoints, deterministic (every output element is reduced by the one program that owns it, no atomics):
 //   upsample_concat_backward(grad_out (N, C + L*R, H, W), C, bins, align_corners)
 //                                                             -> grad_levels (N, R, S), float32 (float64)
-//   pyramid_pool_backward(grad_pooled (N, C, S), grad_out (N, C', H, W) with C' >= C, bins)
-//                                                             -> grad_x = grad_out[:, :C] + pool^T(grad_pooled),
+//   pyramid_pool_backward(grad_pooled (N, C, S), grad_out (N, C', H, W) with C' >= C, bins, x_offset)
+//                                                             -> grad_x = grad_out[:, x_offset:x_offset + C]
+//                                                                + pool^T(grad_pooled),
 //                                                                (N, C, H, W) in grad_out's dtype and memory format
+// x_last (default false) puts x after the levels, out = [levels..., x] (segmentation_models_pytorch's order); the
+// adjoints read that layout with x_last / x_offset = L*R (CPU kernels; the CUDA adjoints refuse them and are given
+// the views grad_out[:, :L*R] with in_channels = 0 and grad_out[:, L*R:] instead, see pspnet_fast/_order.py).
 // The fused PSP head (the 3x3 bottleneck split as conv3x3(x; W_X) + context of the small level maps, see
 // pspnet_fast/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
 //   head_epilogue(z (N, O, H, W), q (N, O, 9, S), bins, align_corners, scale (O)?, shift (O)?, relu)
@@ -49,9 +53,10 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(pspnet_fast, m) {
   m.def("pyramid_pool(Tensor x, int[] bins) -> Tensor");
   m.def("ppm_reduce(Tensor pooled, Tensor weight, Tensor? scale, Tensor? shift, int[] bins, bool relu) -> Tensor");
-  m.def("upsample_concat(Tensor x, Tensor levels, int[] bins, bool align_corners) -> Tensor");
-  m.def("upsample_concat_backward(Tensor grad_out, int in_channels, int[] bins, bool align_corners) -> Tensor");
-  m.def("pyramid_pool_backward(Tensor grad_pooled, Tensor grad_out, int[] bins) -> Tensor");
+  m.def("upsample_concat(Tensor x, Tensor levels, int[] bins, bool align_corners, bool x_last=False) -> Tensor");
+  m.def("upsample_concat_backward(Tensor grad_out, int in_channels, int[] bins, bool align_corners, bool x_last=False) "
+        "-> Tensor");
+  m.def("pyramid_pool_backward(Tensor grad_pooled, Tensor grad_out, int[] bins, int x_offset=0) -> Tensor");
   m.def("head_epilogue(Tensor z, Tensor q, int[] bins, bool align_corners, Tensor? scale, Tensor? shift, bool relu) "
         "-> Tensor");
   m.def("head_context_backward(Tensor grad, int[] bins, bool align_corners) -> Tensor");

@@ -6,8 +6,9 @@ Five ops with exactly the semantics of the C++ ops of the same base name (csrc/o
     pspnet_fast::triton_pyramid_pool(x (N, C, H, W), bins)                         -> pooled (N, C, S)
     pspnet_fast::triton_ppm_reduce(pooled (N, C, S), weight (L, R, C), scale?, shift?, bins, relu)
                                                                                    -> levels (N, R, S)
-    pspnet_fast::triton_upsample_concat(x (N, C, H, W), levels (N, R, S), bins, align_corners)
+    pspnet_fast::triton_upsample_concat(x (N, C, H, W), levels (N, R, S), bins, align_corners, x_last=False)
                                                                                    -> out (N, C + L*R, H, W)
+                                                         ([x, levels...]; x_last: [levels..., x])
     pspnet_fast::triton_upsample_concat_backward(grad_out (N, C + L*R, H, W), C, bins, align_corners)
                                                                                    -> grad_levels (N, R, S)
     pspnet_fast::triton_pyramid_pool_backward(grad_pooled (N, C, S), grad_out (N, C' >= C, H, W), bins)
@@ -320,7 +321,7 @@ def _linear_tap(dst, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.
 @triton.jit
 def _upsample_concat_kernel(
     x_ptr, lv_ptr, out_ptr,
-    C, R, H, W,
+    C, R, H, W, X0, L0,
     sxn, sxc, sxh, sxw,
     sln, slr, sls,
     son, soc, soh, sow,
@@ -337,6 +338,7 @@ def _upsample_concat_kernel(
     # [BLOCK_CH channels, BLOCK_P positions] tile of out[n]: channel blocks below cdiv(C, BLOCK_CH) copy x, the others
     # belong to one level each, so the bilinear taps of the BLOCK_P positions are computed once for BLOCK_CH maps.
     # *_FLAT: the (h, w) plane is dense (stride_h == W * stride_w), address p * stride_w keeps loads vectorizable.
+    # X0, L0: the first output channel of x and of the levels ([x, levels]: 0, C; x_last [levels, x]: L*R, 0).
     pid0 = tl.program_id(0)
     cb = tl.program_id(1)
     n = (pid0 // n_pblocks).to(tl.int64)
@@ -360,7 +362,7 @@ def _upsample_concat_kernel(
         else:
             x_sp = h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         v = tl.load(x_ptr + n * sxn + c.to(tl.int64)[:, None] * sxc + x_sp[None, :], mask=m)
-        tl.store(out_n + c.to(tl.int64)[:, None] * soc + o_sp[None, :], v, mask=m)
+        tl.store(out_n + (X0 + c).to(tl.int64)[:, None] * soc + o_sp[None, :], v, mask=m)
     else:
         t = cb - n_xcblocks
         l = t // n_rblocks
@@ -382,7 +384,7 @@ def _upsample_concat_kernel(
         lw0 = lw0[None, :]
         lw1 = lw1[None, :]
         val = lh0 * (lw0 * v00 + lw1 * v01) + lh1 * (lw0 * v10 + lw1 * v11)
-        ch = (C + l * R + r).to(tl.int64)
+        ch = (L0 + l * R + r).to(tl.int64)
         tl.store(out_n + ch[:, None] * soc + o_sp[None, :], val.to(out_ty), mask=m)
 
 
@@ -750,7 +752,7 @@ def _triton_ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Option
 
 @_register("pspnet_fast::triton_upsample_concat")
 def _triton_upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: List[int],
-                            align_corners: bool) -> torch.Tensor:
+                            align_corners: bool, x_last: bool = False) -> torch.Tensor:
     bins = _check_bins(bins, "upsample_concat")
     L = len(bins)
     S = sum(b * b for b in bins)
@@ -776,7 +778,7 @@ def _triton_upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: List[in
     grid = (N * n_pblocks, n_xcblocks + L * n_rblocks)
     wrap_triton(_upsample_concat_kernel)[grid](
         x, levels, out,
-        C, R, H, W,
+        C, R, H, W, L * R if x_last else 0, 0 if x_last else C,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         levels.stride(0), levels.stride(1), levels.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -906,14 +908,15 @@ def ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Optional[torch
     return torch.ops.pspnet_fast.triton_ppm_reduce(pooled, weight, scale, shift, list(bins), bool(relu))
 
 
-def upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """cat([x] + [bilinear upsampling of each level to (H, W)], dim=1) in one pass.
+def upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: Sequence[int], align_corners: bool,
+                    x_last: bool = False) -> torch.Tensor:
+    """cat([x] + [bilinear upsampling of each level to (H, W)], dim=1) in one pass; x_last: cat([levels..., x]).
 
     x: (N, C, H, W) float32/float64/float16/bfloat16, any strides; levels: (N, R, S) float32/float64 (the
     interpolation is computed in levels' dtype). Returns (N, C + L*R, H, W) in x's dtype and x's memory format
     (channels_last stays channels_last).
     """
-    return torch.ops.pspnet_fast.triton_upsample_concat(x, levels, list(bins), bool(align_corners))
+    return torch.ops.pspnet_fast.triton_upsample_concat(x, levels, list(bins), bool(align_corners), bool(x_last))
 
 
 def upsample_concat_backward(grad_out: torch.Tensor, in_channels: int, bins: Sequence[int],

@@ -1,5 +1,6 @@
 """The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite), `train` and `eval`
-(the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download)."""
+(the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download), `convert`
+(checkpoint keys to PSPNet's layout, pspnet_fast/convert.py)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
         from . import evaluate, train
 
         return (train if argv[0] == "train" else evaluate).main(argv[1:], prog=f"pspnet-fast {argv[0]}")
+    if argv and argv[0] == "convert":
+        from . import convert
+
+        return convert.main(argv[1:], prog="pspnet-fast convert")
     p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled backends and why any is missing")
@@ -61,6 +66,9 @@ def main(argv=None) -> int:
     sub.add_parser("eval", add_help=False,
                    help="the authors' test protocol: sliding windows, flip, multi-scale; IoU table; colourized PNGs "
                         "(see pspnet-fast eval --help)")
+    sub.add_parser("convert", add_help=False,
+                   help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys "
+                        "(pspnet-fast convert --help)")
     args = p.parse_args(argv)
     return _info(args)
 

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import _order, ops
 from ._checks import check_feature_map, check_same_device
 from .reference import PyramidPooling as _RefPyramidPooling
 
@@ -141,13 +141,16 @@ class _FusedPPMFunction(torch.autograd.Function):
         ctx.module, ctx.kernels, ctx.pooled, ctx.levels = module, kernels, p, levels
         ctx.x_requires_grad = x.requires_grad
         ctx.params = params
-        return kernels.upsample_concat(x, levels.detach(), module.bins, module.align_corners)
+        return _order.upsample_concat(kernels, x, levels.detach(), module.bins, module.align_corners,
+                                      getattr(module, "x_last", False))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         m, kernels, params = ctx.module, ctx.kernels, list(ctx.params)
-        grad_levels = kernels.upsample_concat_backward(grad_out, m.in_channels, m.bins, m.align_corners)
+        x_last = getattr(m, "x_last", False)  # [levels..., x] (pspnet_fast.patch, segmentation_models_pytorch)
+        grad_levels = _order.upsample_concat_backward(kernels, grad_out, m.in_channels, m.bins, m.align_corners,
+                                                      x_last)
         inputs = ([ctx.pooled] if ctx.x_requires_grad else []) + params
         # retain_graph: the small levels graph (pooled maps, BatchNorm statistics) lives as long as this node, so a
         # retained outer graph can run backward again.
@@ -156,6 +159,6 @@ class _FusedPPMFunction(torch.autograd.Function):
         grad_x = None
         if ctx.x_requires_grad:
             grad_pooled = grads[0] if grads[0] is not None else torch.zeros_like(ctx.pooled)
-            grad_x = kernels.pyramid_pool_backward(grad_pooled, grad_out, m.bins)
+            grad_x = _order.pyramid_pool_backward(kernels, grad_pooled, grad_out, m.bins, x_last)
             grads = grads[1:]
         return (grad_x, None, None, *grads)

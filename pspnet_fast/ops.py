@@ -203,18 +203,18 @@ def _fake_ppm_reduce(pooled, weight, scale, shift, bins, relu):
     return pooled.new_empty((pooled.shape[0], weight.shape[1], pooled.shape[2]))
 
 
-def _fake_upsample_concat(x, levels, bins, align_corners):
+def _fake_upsample_concat(x, levels, bins, align_corners, x_last=False):
     n, c, h, w = x.shape
     return x.new_empty((n, c + len(bins) * levels.shape[1], h, w)).contiguous(memory_format=_out_memory_format(x))
 
 
-def _fake_upsample_concat_backward(grad_out, in_channels, bins, align_corners):
+def _fake_upsample_concat_backward(grad_out, in_channels, bins, align_corners, x_last=False):
     n, co = grad_out.shape[:2]
     return grad_out.new_empty((n, (co - in_channels) // len(bins), total_bins(bins)),
                               dtype=_pooled_dtype(grad_out.dtype))
 
 
-def _fake_pyramid_pool_backward(grad_pooled, grad_out, bins):
+def _fake_pyramid_pool_backward(grad_pooled, grad_out, bins, x_offset=0):
     n, c = grad_pooled.shape[:2]
     h, w = grad_out.shape[2:]
     return grad_out.new_empty((n, c, h, w)).contiguous(memory_format=_out_memory_format(grad_out))
@@ -282,7 +282,10 @@ def _reduce_backward(ctx, grad):
 
 
 def _upsample_setup(ctx, inputs, output):
-    x, levels, bins, align_corners = inputs
+    x, levels, bins, align_corners = inputs[:4]
+    # x_last: the dispatcher op's fifth argument ([levels..., x]); the Triton op has four.
+    ctx.x_last = bool(inputs[4]) if len(inputs) > 4 else False
+    ctx.n_inputs = len(inputs)
     ctx.bins = tuple(bins)
     ctx.align_corners = align_corners
     ctx.c = x.shape[1]
@@ -293,11 +296,18 @@ def _upsample_setup(ctx, inputs, output):
 
 def _upsample_backward_for(prefix: str):
     def backward(ctx, grad):
-        """grad_x = grad_out[:, :C] (a view); grad_levels by the upsample_concat_backward op."""
-        gx = grad[:, :ctx.c].to(ctx.x_dtype)
-        gl = getattr(torch.ops.pspnet_fast, prefix + "upsample_concat_backward")(grad, ctx.c, ctx.bins,
-                                                                                 ctx.align_corners)
-        return gx, gl.to(ctx.levels_dtype), None, None
+        """grad_x = grad_out's x channels (a view); grad_levels by the upsample_concat_backward op."""
+        op = getattr(torch.ops.pspnet_fast, prefix + "upsample_concat_backward")
+        if ctx.x_last:
+            lr = grad.shape[1] - ctx.c
+            gx = grad[:, lr:].to(ctx.x_dtype)
+            # The CPU kernel reads the x-last layout itself; CUDA and Triton read the levels-only view (in_channels 0).
+            gl = (op(grad, ctx.c, ctx.bins, ctx.align_corners, x_last=True) if not prefix and grad.device.type == "cpu"
+                  else op(grad[:, :lr], 0, ctx.bins, ctx.align_corners))
+        else:
+            gx = grad[:, :ctx.c].to(ctx.x_dtype)
+            gl = op(grad, ctx.c, ctx.bins, ctx.align_corners)
+        return (gx, gl.to(ctx.levels_dtype)) + (None,) * (ctx.n_inputs - 2)
     return backward
 
 

@@ -521,3 +521,51 @@ def test_backward_argument_checks():
         ppm.pyramid_pool_backward(torch.randn(1, 8, 5), g, (1, 2))  # C > C'
     with pytest.raises(TypeError, match="float32 or float64"):
         ppm.pyramid_pool_backward(torch.randn(1, 2, 5).half(), g, (1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# x-last layout ([levels..., x], segmentation_models_pytorch): the kernel's x_last argument, and a patched
+# look-alike of smp's PSPModule on the triton backend (adjoints through the levels-only and x views of grad_out)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_upsample_concat_x_last(layout):
+    bins, c = [1, 2, 3], 5
+    x = torch.randn(2, c, 6, 7)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    levels = torch.randn(2, 3, 14)
+    first = ppm.upsample_concat(x, levels, bins, True)
+    last = ppm.upsample_concat(x, levels, bins, True, x_last=True)
+    assert torch.equal(last, torch.cat([first[:, c:], first[:, :c]], 1))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_patched_smp_on_triton_backend(train, layout):
+    import copy
+
+    import pspnet_fast
+
+    from . import lookalikes as la
+
+    model = la.randomize_bn(la.SmpNet()).double().train(train)
+    patched = copy.deepcopy(model)
+    assert pspnet_fast.patch(patched, backend="triton") == ["decoder.psp"]
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for m in (model, patched):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        out = m(xi)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for (k, a), (_, b) in zip(model.state_dict().items(), patched.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=k)

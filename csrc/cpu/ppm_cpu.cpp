@@ -443,7 +443,7 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
 
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          Tensor& out) {
+                          bool x_last, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -456,19 +456,20 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = H * W;
   const bool stream = use_streaming(out);
-  // One task per output plane (n, c'): planes c' < C are copies of x, the others are interpolated from one level map
-  // into a plane-sized scratch (cache-resident) and then stored in one sweep.
+  const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
+  // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from
+  // one level map into a plane-sized scratch (cache-resident) and then stored in one sweep.
   at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
     std::vector<scalar_t> plane_buf(HW);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / CO, c = plane % CO;
       scalar_t* dst = op + plane * HW;
-      if (c < C) {
-        store_block(dst, xp + (n * C + c) * HW, HW, stream);
+      if (c >= x0 && c < x0 + C) {
+        store_block(dst, xp + (n * C + c - x0) * HW, HW, stream);
         continue;
       }
-      const int64_t l = (c - C) / R, r = (c - C) % R, b = bins[l];
+      const int64_t l = (c - l0) / R, r = (c - l0) % R, b = bins[l];
       const lvl_t* map = yp + (n * R + r) * S + offs[l];
       const Taps<acc_t>& hh = th[l];
       const Taps<acc_t>& ww = tw[l];
@@ -495,7 +496,7 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
 
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          Tensor& out) {
+                          bool x_last, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -509,6 +510,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool stream = use_streaming(out);
+  const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
   // One task per output row (n, h): each pixel's C + L*R channels are assembled in a cache-resident scratch (x's C
   // channels, then every level's R interpolated channels) and stored in one sweep.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
@@ -516,7 +518,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, h = row % H;
       for (int64_t w = 0; w < W; ++w) {
-        std::memcpy(pix.data(), xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
+        std::memcpy(pix.data() + x0, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
         for (int64_t l = 0; l < L; ++l) {
           const int64_t b = bins[l];
           const acc_t* base = yp + (n * S + offs[l]) * R;
@@ -525,7 +527,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
           const acc_t* v10 = base + (th[l].i1[h] * b + tw[l].i0[w]) * R;
           const acc_t* v11 = base + (th[l].i1[h] * b + tw[l].i1[w]) * R;
           const acc_t lh0 = th[l].l0[h], lh1 = th[l].l1[h], lw0 = tw[l].l0[w], lw1 = tw[l].l1[w];
-          scalar_t* d = pix.data() + C + l * R;
+          scalar_t* d = pix.data() + l0 + l * R;
 #pragma omp simd
           for (int64_t r = 0; r < R; ++r) {
             d[r] = static_cast<scalar_t>(lh0 * (lw0 * v00[r] + lw1 * v01[r]) + lh1 * (lw0 * v10[r] + lw1 * v11[r]));
@@ -538,7 +540,8 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   });
 }
 
-Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners) {
+Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
+                           bool x_last) {
   check_x(x_in);
   check_bins(bins);
   TORCH_CHECK(levels_in.dim() == 3 && levels_in.size(0) == x_in.size(0) && levels_in.size(2) == total_bins(bins),
@@ -559,9 +562,9 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
     using scalar_x = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(levels.scalar_type(), "upsample_concat_cpu_levels", [&] {
       if (cl) {
-        upsample_concat_nhwc<scalar_x, scalar_t>(x, levels, bins, align_corners, out);
+        upsample_concat_nhwc<scalar_x, scalar_t>(x, levels, bins, align_corners, x_last, out);
       } else {
-        upsample_concat_nchw<scalar_x, scalar_t>(x, levels, bins, align_corners, out);
+        upsample_concat_nchw<scalar_x, scalar_t>(x, levels, bins, align_corners, x_last, out);
       }
     });
   });
@@ -636,15 +639,17 @@ void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, 
   }
 }
 
-Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArrayRef bins, bool align_corners) {
+Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArrayRef bins, bool align_corners,
+                                    bool x_last) {
   check_x(grad_in);
   check_bins(bins);
   const int64_t L = bins.size(), CO = grad_in.size(1);
-  TORCH_CHECK(C > 0 && CO > C && (CO - C) % L == 0,
+  TORCH_CHECK(C >= 0 && CO > C && (CO - C) % L == 0,
               "pspnet_fast: expected grad_out with in_channels + len(bins) * R channels (in_channels ", C, ", ", L,
               " levels), got ", CO);
   const int64_t N = grad_in.size(0), H = grad_in.size(2), W = grad_in.size(3), R = (CO - C) / L;
   const int64_t S = total_bins(bins);
+  const int64_t l0 = x_last ? 0 : C;  // first level channel of grad_out
   const bool cl = is_channels_last(grad_in);
   const Tensor g = cl ? grad_in : grad_in.contiguous();
   const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -669,7 +674,7 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
         std::vector<acc_t> t;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / (L * R), l = (task / R) % L, r = task % R;
-          const scalar_t* plane = gp + (n * CO + C + l * R + r) * H * W;
+          const scalar_t* plane = gp + (n * CO + l0 + l * R + r) * H * W;
           upsample_adjoint_plane<scalar_t, acc_t>(plane, H, W, bins[l], ah[l], aw[l], t, op + (n * R + r) * S + offs[l]);
         }
       });
@@ -688,7 +693,7 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
         for (int64_t h = 0; h < H; ++h) {
           std::fill(trow.begin(), trow.end(), acc_t(0));
           for (int64_t w = 0; w < W; ++w) {
-            const scalar_t* px = gp + ((n * H + h) * W + w) * CO + C + l * R + r0;
+            const scalar_t* px = gp + ((n * H + h) * W + w) * CO + l0 + l * R + r0;
             acc_t* t0 = trow.data() + tw[l].i0[w] * RB;
             acc_t* t1 = trow.data() + tw[l].i1[w] * RB;
             const acc_t a = tw[l].l0[w], bb = tw[l].l1[w];
@@ -734,7 +739,8 @@ BinRuns make_bin_runs(int64_t b, int64_t n) {
 }
 
 // grad_x = grad_out[:, :C] + sum_l pool_l^T grad_pooled_l, gathered per output element.
-Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& grad_in, at::IntArrayRef bins) {
+Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& grad_in, at::IntArrayRef bins,
+                                 int64_t x_offset) {
   check_x(grad_in);
   check_bins(bins);
   TORCH_CHECK(grad_pooled_in.dim() == 3 && grad_pooled_in.size(0) == grad_in.size(0) &&
@@ -747,6 +753,8 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
   const Tensor g = cl ? grad_in : grad_in.contiguous();
   const int64_t N = g.size(0), CO = g.size(1), H = g.size(2), W = g.size(3), C = grad_pooled_in.size(1);
   const int64_t S = grad_pooled_in.size(2), L = bins.size();
+  TORCH_CHECK(x_offset >= 0 && x_offset + C <= CO, "pspnet_fast: x_offset ", x_offset, " with ", C,
+              " channels of x does not fit grad_out's ", CO, " channels");
   const std::vector<int64_t> out_strides =
       cl ? std::vector<int64_t>{C * H * W, 1, W * C, C} : std::vector<int64_t>{C * H * W, H * W, W, 1};
   Tensor out = OutputCache::get().empty({N, C, H, W}, out_strides, g.options());
@@ -776,7 +784,7 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / C, c = plane % C;
           const acc_t* gl = gpp + plane * S;
-          const scalar_t* src = gop + (n * CO + c) * H * W;
+          const scalar_t* src = gop + (n * CO + x_offset + c) * H * W;
           scalar_t* dst = op + plane * H * W;
           // Each bin's gradient / kh / kw (as the forward divides its sum), then E for every level, (sum b) x W.
           for (int64_t l = 0; l < L; ++l) {
@@ -840,7 +848,7 @@ Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& gra
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / H, h = row % H;
         for (int64_t w = 0; w < W; ++w) {
-          const scalar_t* src = gop + ((n * H + h) * W + w) * CO;
+          const scalar_t* src = gop + ((n * H + h) * W + w) * CO + x_offset;
           for (int64_t c = 0; c < C; ++c) acc[c] = static_cast<acc_t>(src[c]);
           for (int64_t l = 0; l < L; ++l) {
             const int64_t b = bins[l];

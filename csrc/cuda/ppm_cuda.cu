@@ -863,6 +863,7 @@ Tensor ppm_reduce_cuda(const Tensor& pooled_in, const Tensor& weight_in, const s
 struct UpParams {
   LevelTable lv;
   int64_t C, H, W, R, Ctot, S;
+  int64_t X0, L0;  // first output channel of x and of the levels: [x, levels] 0, C; x_last [levels, x] L*R, 0
   bool align;
   bool lv_double;  // levels are float64 (else float32); converted to opmath on load
   int64_t units;   // NCHW: N*Ctot*H*W / VEC vectors; channels_last: N*H*W*C / VEC copy vectors
@@ -898,10 +899,10 @@ __global__ void __launch_bounds__(kUpThreads)
     const int64_t ch = div_nn(rem, HW);
     const int64_t pos = rem - ch * HW;
     AlignedVec<scalar_t, VEC> v;
-    if (ch < p.C) {
-      v = load_vec<scalar_t, VEC>(x + (n * p.C + ch) * HW + pos);
+    if (ch >= p.X0 && ch < p.X0 + p.C) {
+      v = load_vec<scalar_t, VEC>(x + (n * p.C + ch - p.X0) * HW + pos);
     } else {
-      const int64_t q = ch - p.C;
+      const int64_t q = ch - p.L0;
       const int l = static_cast<int>(div_nn(q, p.R));
       const int64_t r = q - l * p.R;
       const int64_t b = p.lv.bins[l];
@@ -931,8 +932,8 @@ __global__ void __launch_bounds__(kUpThreads)
   }
 }
 
-// channels_last: out (N, H, W, Ctot) in memory. Blocks [0, copy_blocks) copy x into channels [0, C) of every pixel
-// (grid-stride over VEC-element vectors; both rows are contiguous). The other blocks loop over level tasks
+// channels_last: out (N, H, W, Ctot) in memory. Blocks [0, copy_blocks) copy x into channels [X0, X0 + C) of every
+// pixel (grid-stride over VEC-element vectors; both rows are contiguous). The other blocks loop over level tasks
 // (n, h, l, chunk of 32 level channels): the two map rows i0(h), i1(h) of those 32 channels are gathered once into
 // shared memory as [row][j][r] (the channel is fastest, as in the output), then each warp produces one pixel's 32
 // consecutive channels at a time, a coalesced store, reading its taps from shared memory without bank conflicts.
@@ -950,7 +951,7 @@ __global__ void __launch_bounds__(kUpThreads)
     for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid; u < p.units; u += stride) {
       const int64_t pix = div_nn(u, cv);
       const int64_t k = u - pix * cv;
-      store_vec<scalar_t, VEC>(out + pix * p.Ctot + k * VEC, load_vec<scalar_t, VEC>(x + pix * p.C + k * VEC));
+      store_vec<scalar_t, VEC>(out + pix * p.Ctot + p.X0 + k * VEC, load_vec<scalar_t, VEC>(x + pix * p.C + k * VEC));
     }
     return;
   }
@@ -989,7 +990,7 @@ __global__ void __launch_bounds__(kUpThreads)
       __syncthreads();
     }
     if (r < p.R) {
-      scalar_t* o = out + (n * p.H + h) * p.W * p.Ctot + p.C + l * p.R + r;
+      scalar_t* o = out + (n * p.H + h) * p.W * p.Ctot + p.L0 + l * p.R + r;
       for (int64_t w = warp; w < p.W; w += nwarps) {
         const LinearTap<opmath_t> tw = linear_tap<opmath_t>(sw, w, b, p.W, p.align);
         opmath_t v00, v01, v10, v11;
@@ -1035,7 +1036,7 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const bool vec = ptrs_aligned && p.C % V == 0 && p.Ctot % V == 0;
+  const bool vec = ptrs_aligned && p.C % V == 0 && p.Ctot % V == 0 && p.X0 % V == 0;
   const int vw = vec ? V : 1;
   p.units = N * p.H * p.W * p.C / vw;
   p.rchunks = ceil_div(p.R, kUpRChunk);
@@ -1056,7 +1057,8 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Tensor upsample_concat_cuda(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners) {
+Tensor upsample_concat_cuda(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
+                            bool x_last) {
   const char* op = "upsample_concat";
   check_x(op, x_in);
   check_cuda(op, "levels", levels_in, x_in);
@@ -1083,6 +1085,8 @@ Tensor upsample_concat_cuda(const Tensor& x_in, const Tensor& levels_in, at::Int
   p.W = W;
   p.R = R;
   p.Ctot = Ctot;
+  p.X0 = x_last ? lv.num * R : 0;
+  p.L0 = x_last ? 0 : C;
   p.S = lv.offs[lv.num];
   p.align = align_corners;
   p.lv_double = levels.scalar_type() == at::kDouble;
@@ -1444,8 +1448,10 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
 }
 
 Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
-                                     bool align_corners) {
+                                     bool align_corners, bool x_last) {
   const char* op = "upsample_concat_backward";
+  TORCH_CHECK(!x_last, op, ": x_last=True is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
   check_x(op, grad_in, "grad_out");
   const LevelTable lv = make_levels(op, bins);
   const int64_t N = grad_in.size(0), Ctot = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
@@ -1824,8 +1830,11 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
   }
 }
 
-Tensor pyramid_pool_backward_cuda(const Tensor& grad_pooled_in, const Tensor& grad_out_in, at::IntArrayRef bins) {
+Tensor pyramid_pool_backward_cuda(const Tensor& grad_pooled_in, const Tensor& grad_out_in, at::IntArrayRef bins,
+                                  int64_t x_offset) {
   const char* op = "pyramid_pool_backward";
+  TORCH_CHECK(x_offset == 0, op, ": x_offset != 0 is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
   check_x(op, grad_out_in, "grad_out");
   TORCH_CHECK(grad_pooled_in.is_cuda(), op, ": expected grad_pooled on a CUDA device, got ", grad_pooled_in.device());
   TORCH_CHECK(grad_pooled_in.device() == grad_out_in.device(), op, ": expected grad_pooled on ", grad_out_in.device(),

@@ -34,8 +34,10 @@ s = ''.join(out)
 t = s.index('TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m)')
 # Every op the CUDA block registers, with its schema from ops.cpp, as pspnet_emu::<name>.
 impls = re.findall(r'm\.impl\("(\w+)", &([\w:]+)\);', s[t:])
+# A schema may be split over adjacent string literals ("...) " "-> Tensor"): join them.
 schemas = dict((re.match(r'(\w+)\(', d).group(1), d) for d in
-               re.findall(r'm\.def\("([^"]+)"', open(OPS_SOURCE).read()))
+               (''.join(re.findall(r'"([^"]*)"', lits)) for lits in
+                re.findall(r'm\.def\(((?:\s*"[^"]*")+)', open(OPS_SOURCE).read())))
 defs = ''.join(f'  m.def("{schemas[name]}", &{fn});\n' for name, fn in impls)
 print("emulated ops:", [n for n, _ in impls])
 s = s[:t] + 'TORCH_LIBRARY(pspnet_emu, m) {\n' + defs + \

@@ -182,6 +182,22 @@ test_up(1, 8, 6, 8, 3, (1, 2, 3, 6), torch.float32, "cl", True, torch.float64)
 test_up(1, 8, 6, 8, 3, (1, 2, 3, 6), torch.float64, "nchw", False, torch.float32)
 test_up(1, 4, 3, 5, 2, (70, 3), torch.float32, "cl", False)   # b > stage limit: direct gathers
 test_up(1, 4, 3, 5, 2, (70, 3), torch.float32, "nchw", True)
+# x_last ([levels..., x], segmentation_models_pytorch's order): the x-first result rotated, and the CPU kernels'.
+# Vectorized channels_last copies (C, L*R, Ctot multiples of the vector width) and scalar ones; NCHW.
+for (N, C, H, W, R, bins, dtype) in [(2, 8, 6, 8, 2, (1, 2, 3, 6), torch.float32),
+                                     (1, 5, 7, 9, 3, (1, 2), torch.float32), (1, 8, 5, 4, 2, (1, 2, 3, 6), torch.float16),
+                                     (2, 3, 4, 6, 2, (2, 3), torch.float64)]:
+    for layout in ["nchw", "cl"]:
+        x = make_x(N, C, H, W, dtype, layout)
+        lv = torch.randn(N, R, offs(bins)[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        for align in [False, True]:
+            g = E.upsample_concat(x, lv, bins, align, True)
+            first = E.upsample_concat(x, lv, bins, align)
+            name = f"up x_last {N,C,H,W,R} {bins} {dtype} {layout} {align}"
+            check(name + " vs rotated", g, torch.cat([first[:, C:], first[:, :C]], 1), 0, 0)
+            r = 1e-14 if dtype == torch.float64 else (2e-6 if dtype == torch.float32 else 1e-2)
+            check(name + " vs cpu", g, CPU.upsample_concat(x, lv, bins, align, True), r, r)
+            assert g.is_contiguous(memory_format=torch.channels_last) if layout == "cl" else g.is_contiguous(), name
 # NaN in a level map
 x = torch.randn(1, 2, 6, 6); lv = torch.randn(1, 3, 50); lv[0, 1, 14] = float("nan")
 for xx in (x, x.contiguous(memory_format=torch.channels_last)):
