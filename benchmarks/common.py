@@ -180,8 +180,7 @@ def train_call(module: torch.nn.Module, owner: torch.nn.Module, x: torch.Tensor,
 
 
 def add_providers(providers: dict, skipped: dict, ref: torch.nn.Module, make_fused: Callable[[str], torch.nn.Module],
-                  make_call: Callable[..., Callable], inputs: Sequence[torch.Tensor], compile_ref: bool,
-                  fused_label: str = "") -> None:
+                  make_call: Callable[..., Callable], inputs: Sequence[torch.Tensor], compile_ref: bool) -> None:
     """Fills `providers` in the table's order: reference (eager), torch.compile(reference), fused-<backend> for every
     backend that runs inputs[0]. make_call(module_called, module_owning_params, *inputs) -> the provider's callable
     (eval_call or train_call); make_fused(backend) -> the fused module carrying ref's weights."""
@@ -200,7 +199,7 @@ def add_providers(providers: dict, skipped: dict, ref: torch.nn.Module, make_fus
             # TRITON_INTERPRET=1 makes Triton run CPU tensors in its interpreter: a correctness tool, not something
             # to time (and minutes per call at these sizes).
             why = "Triton on CPU tensors runs in its interpreter, which is not benchmarked"
-        label = f"fused-{name}{fused_label}"
+        label = f"fused-{name}"
         if why is None:
             fused = make_fused(name)
             providers[label] = make_call(fused, fused, *inputs)
@@ -238,7 +237,7 @@ def randomize_bn(module: torch.nn.Module, seed: int = 1) -> None:
 
 def build_case(workload: str, shape: tuple[int, ...], dtype_name: str, device: str, channels_last: bool,
                ref: torch.nn.Module, make_fused: Callable[[str, torch.nn.Module], torch.nn.Module], x: torch.Tensor,
-               out_shape: tuple[int, ...], train: bool, compile_ref: bool, deep: bool, fused_label: str = "",
+               out_shape: tuple[int, ...], train: bool, compile_ref: bool, deep: bool,
                extra: dict | None = None) -> Case:
     """The Case for module `ref` (float32 on the CPU as built; moved here to device/dtype/layout, put in train or eval
     mode) on input x (moved likewise). make_fused(backend, ref) -> the fused module with ref's weights (moved and
@@ -256,7 +255,7 @@ def build_case(workload: str, shape: tuple[int, ...], dtype_name: str, device: s
     providers, skipped = {}, {}
     add_providers(providers, skipped, ref,
                   lambda b: make_fused(b, ref).to(device=device, dtype=dtype, memory_format=fmt).train(train),
-                  make_call, inputs, compile_ref, fused_label)
+                  make_call, inputs, compile_ref)
     out_bytes = torch.Size(out_shape).numel() * x.element_size()
     case = Case(workload=workload, shape=tuple(shape), dtype=dtype_name, device=device, channels_last=channels_last,
                 providers=providers, output_names=["out", "x.grad"] if train else ["out"],
@@ -586,18 +585,14 @@ def write_plot(rows: list[dict], path: str) -> None:
     rows = [r for r in rows if r["provider"] not in ("reference", "copy") and r.get("speedup_vs_eager")]
     groups = list(dict.fromkeys((r["workload"], fmt_shape(r["shape"]), r["dtype"]) for r in rows))
 
-    def base(provider):  # "fused-cpu (fused PPM)" is drawn as fused-cpu, its group's label says "(fused PPM)"
-        return provider.split(" (")[0]
-
-    providers = list(dict.fromkeys(base(r["provider"]) for r in rows))
-    partial = {(r["workload"], fmt_shape(r["shape"]), r["dtype"]) for r in rows if "(fused PPM)" in r["provider"]}
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / max(1, len(providers))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.5))
     for i, p in enumerate(providers):
         xs, matched = [], []
         for j, g in enumerate(groups):
             for r in rows:
-                if base(r["provider"]) == p and (r["workload"], fmt_shape(r["shape"]), r["dtype"]) == g:
+                if r["provider"] == p and (r["workload"], fmt_shape(r["shape"]), r["dtype"]) == g:
                     xs.append(j + (i - (len(providers) - 1) / 2) * width)
                     matched.append(r)
         bars = ax.bar(xs, [r["speedup_vs_eager"] for r in matched], width, label=p)
@@ -606,8 +601,7 @@ def write_plot(rows: list[dict], path: str) -> None:
                 b.set_hatch("xx")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{w}\n{s}\n{d}" + ("\n(fused PPM)" if (w, s, d) in partial else "") for w, s, d in groups],
-                       fontsize=8)
+    ax.set_xticklabels([f"{w}\n{s}\n{d}" for w, s, d in groups], fontsize=8)
     ax.set_ylabel("speed-up over reference eager (x)")
     info = rows[0] if rows else {}
     ax.set_title(f"pspnet_fast bench: {info.get('machine', '')}, torch {info.get('versions', {}).get('torch', '')}, "
