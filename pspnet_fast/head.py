@@ -30,20 +30,24 @@ __all__ = ["PSPHead", "psp_head_forward"]
 
 
 def _is_standard_cls(cls: nn.Module) -> bool:
-    """The reference's cls: Conv2d(3x3, padding 1, no bias) -> BatchNorm2d -> ReLU -> Dropout2d -> Conv2d(1x1)."""
+    """The reference's cls: Conv2d(3x3, padding 1, no bias) -> BatchNorm2d -> ReLU -> Dropout2d -> Conv2d(1x1).
+
+    Exact types for the conv and the BatchNorm (SyncBatchNorm allowed): a subclass may change what forward computes
+    (a weight-standardized conv, say), which the fused path would skip."""
     if not isinstance(cls, nn.Sequential) or len(cls) != 5:
         return False
     conv = cls[0]
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros" and isinstance(cls[1], nn.modules.batchnorm._BatchNorm)
+            and conv.padding_mode == "zeros" and type(cls[1]) in (nn.BatchNorm2d, nn.SyncBatchNorm)
             and isinstance(cls[2], nn.ReLU))
 
 
 def _conv_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the reference's convolution would run in: autocast's when autocast is on, else x's."""
+    """The dtype the reference's convolution would run in: autocast's when autocast is on (autocast leaves float64
+    alone), else x's."""
     dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -56,23 +60,15 @@ def _level_weight(weight: torch.Tensor, C: int, R: int, l: int, dtype: torch.dty
 
 
 def _head_weights(ppm: PyramidPooling, conv: nn.Conv2d, conv_dtype: torch.dtype, acc: torch.dtype):
-    """W_X (O, C, 3, 3) in conv_dtype and the level weights [(O * 9, R) per level] in acc. For inference they are
-    cached on the conv until its weight changes (the contiguous W_X and the level weights: 2 x 38 MB for a
-    4096-channel head), so that a forward copies neither again; with autograd on the weight (a traced training
-    graph) they are differentiable views and products of it, never cached."""
+    """W_X (O, C, 3, 3) in conv_dtype and the level weights [(O * 9, R) per level] in acc: differentiable views and
+    products of the conv weight when autograd tracks it (a traced training graph), detached otherwise. Rebuilt on
+    every call (2 x 38 MB of copies for a 4096-channel head, ~1% of its forward here): a cache keyed on the weight's
+    version would miss edits through `.data`."""
     differentiable = torch.is_grad_enabled() and conv.weight.requires_grad
     weight = conv.weight if differentiable else conv.weight.detach()
     C, R = ppm.in_channels, ppm.reduction_channels
-    key = (conv_dtype, acc, weight.data_ptr(), conv.weight._version, weight.device)
-    cacheable = not torch.compiler.is_compiling() and not differentiable
-    cached = conv.__dict__.get("_pspnet_fast_head_cache") if cacheable else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    wx = weight[:, :C].to(conv_dtype).contiguous()
-    wq = [_level_weight(weight, C, R, l, acc) for l in range(len(ppm.bins))]
-    if cacheable:
-        conv.__dict__["_pspnet_fast_head_cache"] = (key, (wx, wq))
-    return wx, wq
+    wx = weight[:, :C].to(conv_dtype)
+    return wx, [_level_weight(weight, C, R, l, acc) for l in range(len(ppm.bins))]
 
 
 def _context_q(bins, level_weight, levels: torch.Tensor) -> torch.Tensor:
@@ -82,7 +78,7 @@ def _context_q(bins, level_weight, levels: torch.Tensor) -> torch.Tensor:
     for l, b in enumerate(bins):
         parts.append(torch.matmul(level_weight(l), levels[:, :, off:off + b * b]))  # (N, O * 9, b * b)
         off += b * b
-    return torch.cat(parts, 2).view(n, -1, 9, S)
+    return torch.cat(parts, 2).view(n, parts[0].shape[1] // 9, 9, S)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -154,17 +150,20 @@ class _FusedHeadFunction(torch.autograd.Function):
             q = _context_q(ppm.bins, lambda l: _level_weight(w, C, R, l, levels.dtype), levels.detach())
             z = F.conv2d(x_c, w[:, :C].to(cdt), None, 1, 1)
         v = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)
-        ctx.save_for_backward(x_c)
-        ctx.ppm, ctx.conv, ctx.kernels, ctx.p, ctx.levels, ctx.params = ppm, conv, kernels, p, levels, params
+        # The weight is saved (no copy) so that an in-place change before backward raises, as for the reference.
+        ctx.save_for_backward(x_c, conv.weight)
+        ctx.ppm, ctx.kernels, ctx.p, ctx.levels = ppm, kernels, p, levels
+        # What needs a gradient is fixed here: toggling requires_grad before backward changes nothing.
+        ctx.ppm_params = [t for t in params if t is not conv.weight]
+        ctx.weight_grad = len(ctx.ppm_params) != len(params)
         ctx.x_requires_grad, ctx.x_dtype, ctx.conv_dtype = x.requires_grad, x.dtype, cdt
         return v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (x_c,) = ctx.saved_tensors
-        ppm, conv, kernels, levels = ctx.ppm, ctx.conv, ctx.kernels, ctx.levels
-        weight = conv.weight
+        x_c, weight = ctx.saved_tensors
+        ppm, kernels, levels = ctx.ppm, ctx.kernels, ctx.levels
         C, R = ppm.in_channels, ppm.reduction_channels
         n, O = grad.shape[0], weight.shape[0]
         grad_q = kernels.head_context_backward(grad, ppm.bins, ppm.align_corners)  # (N, O, 9, S), levels' dtype
@@ -172,9 +171,9 @@ class _FusedHeadFunction(torch.autograd.Function):
         wx = weight_d[:, :C].to(ctx.conv_dtype)
         gx_conv, gw_x, _ = torch.ops.aten.convolution_backward(
             grad.to(x_c.dtype), x_c, wx, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [ctx.x_requires_grad, weight.requires_grad, False])
+            [ctx.x_requires_grad, ctx.weight_grad, False])
         grad_w = None
-        if weight.requires_grad:
+        if ctx.weight_grad:
             # The conv weight's gradient assembled in one tensor, level by level (no weight-sized temporaries beyond
             # one level's 9 * O * R values).
             grad_w = torch.empty_like(weight)
@@ -192,7 +191,7 @@ class _FusedHeadFunction(torch.autograd.Function):
                                    lv[:, :, off:off + s].transpose(0, 1).reshape(R, n * s).t())  # (O * 9, R)
                 grad_w[:, C + l * R:C + (l + 1) * R].view(O, R, 9).copy_(g_l.view(O, 9, R).permute(0, 2, 1))
             off += s
-        inputs = ([ctx.p] if ctx.x_requires_grad else []) + [t for t in ctx.params if t is not weight]
+        inputs = ([ctx.p] if ctx.x_requires_grad else []) + ctx.ppm_params
         got = list(torch.autograd.grad(levels, inputs, torch.cat(grad_levels, 2), allow_unused=True,
                                        retain_graph=True)) if inputs and levels.requires_grad else [None] * len(inputs)
         grad_x = None

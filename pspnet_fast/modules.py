@@ -67,16 +67,24 @@ class PyramidPooling(_RefPyramidPooling):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
+    def clear_cache(self) -> None:
+        """Forget the cached inference weights (needed only after edits through `.data`, which autograd's version
+        counters do not see)."""
+        self.__dict__.pop("_reduce_cache", None)
+
     def _reduce_params(self, dtype: torch.dtype):
         """weight (L, R, C) and, when every BatchNorm can be folded, (scale, shift) each (L, R), in `dtype`.
 
         Without autograd (inference) they are cached until a parameter or buffer changes (tensor versions), so the
-        16 MB of 1x1 weights of a 2048-channel PPM are not restacked on every call."""
+        16 MB of 1x1 weights of a 2048-channel PPM are not restacked on every call. Edits through `.data` (e.g.
+        `p.data.mul_(2)`) do not bump a version: call `clear_cache()` after them. Tensors made under
+        torch.inference_mode are cached apart (they cannot enter a later training graph)."""
         tensors = [t for f in self.features for t in (f[1].weight, *f[2].parameters(), *f[2].buffers())]
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         if cacheable:
-            key = (dtype, tuple(f[2].training for f in self.features), tuple((t.data_ptr(), t._version) for t in tensors))
+            key = (dtype, torch.is_inference_mode_enabled(), tuple(f[2].training for f in self.features),
+                   tuple((t.data_ptr(), t._version) for t in tensors))
             cached = self.__dict__.get("_reduce_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]

@@ -352,3 +352,58 @@ def test_pspnet_uses_the_fused_head():
     x = torch.randn(1, 3, 33, 41)
     with torch.no_grad():
         _close(model(x), ref(x), 1e-4)
+
+
+def test_head_edge_cases_from_review():
+    """Empty batch; an in-place weight change before backward raises as in the reference; float64 under autocast;
+    a frozen PPM trained after a torch.inference_mode forward; weight edits through .data are seen."""
+    _kernels("cpu")
+    ref = make_head(c=8, bins=(1, 2, 3), red=2, mid=4, classes=3, dtype=torch.float64).train()
+    fused = PSPHead.from_reference(ref, backend="cpu")
+    for m in (ref, fused):
+        assert m(torch.randn(0, 8, 5, 4, dtype=torch.float64)).shape == (0, 3, 5, 4)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    out = fused(x.clone().requires_grad_())
+    with torch.no_grad():
+        fused.cls[0].weight.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    ref.eval()
+    fused = PSPHead.from_reference(ref, backend="cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _close(fused(x), ref(x), 1e-10)  # autocast leaves float64 alone, in both
+    with torch.no_grad():
+        fused(x)
+        for m in (ref, fused):
+            m.cls[0].weight.data.mul_(0.5)  # no version bump: nothing may be cached across it
+        _close(fused(x), ref(x), 1e-10)
+    for p in fused.ppm.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        fused(x)
+    fused.train()
+    xf = x.clone().requires_grad_()
+    fused(xf).sum().backward()
+    assert xf.grad is not None
+
+
+def test_head_non_standard_cls_falls_back():
+    """A conv subclass with its own forward (here: weight standardization) is not the reference's conv: the fused
+    head must run the module as written."""
+    _kernels("cpu")
+
+    class WSConv(torch.nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return torch.nn.functional.conv2d(x, w, None, 1, 1)
+
+    ref = make_head().eval()
+    fused = PSPHead.from_reference(ref, backend="cpu")
+    for m in (ref, fused):
+        old = m.cls[0]
+        m.cls[0] = WSConv(old.in_channels, old.out_channels, 3, padding=1, bias=False)
+        m.cls[0].weight.data.copy_(old.weight)
+    x = torch.randn(2, 16, 7, 5)
+    with torch.no_grad():
+        _close(fused(x), ref(x), 1e-4)
