@@ -385,6 +385,10 @@ def test_head_edge_cases_from_review():
     xf = x.clone().requires_grad_()
     fused(xf).sum().backward()
     assert xf.grad is not None
+    out = fused(xf)  # what needs a gradient is fixed at forward: toggling requires_grad before backward is harmless
+    fused.cls[0].weight.requires_grad_(False)
+    out.sum().backward()
+    fused.cls[0].weight.requires_grad_(True)
 
 
 def test_head_non_standard_cls_falls_back():
