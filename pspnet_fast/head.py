@@ -59,16 +59,11 @@ def _level_weight(weight: torch.Tensor, C: int, R: int, l: int, dtype: torch.dty
     return weight[:, C + l * R:C + (l + 1) * R].reshape(O, R, 9).transpose(1, 2).reshape(O * 9, R).to(dtype)
 
 
-def _head_weights(ppm: PyramidPooling, conv: nn.Conv2d, conv_dtype: torch.dtype, acc: torch.dtype):
-    """W_X (O, C, 3, 3) in conv_dtype and the level weights [(O * 9, R) per level] in acc: differentiable views and
-    products of the conv weight when autograd tracks it (a traced training graph), detached otherwise. Rebuilt on
-    every call (2 x 38 MB of copies for a 4096-channel head, ~1% of its forward here): a cache keyed on the weight's
-    version would miss edits through `.data`."""
-    differentiable = torch.is_grad_enabled() and conv.weight.requires_grad
-    weight = conv.weight if differentiable else conv.weight.detach()
-    C, R = ppm.in_channels, ppm.reduction_channels
-    wx = weight[:, :C].to(conv_dtype)
-    return wx, [_level_weight(weight, C, R, l, acc) for l in range(len(ppm.bins))]
+def _split_weight(weight: torch.Tensor, C: int, R: int, conv_dtype: torch.dtype, acc: torch.dtype):
+    """W_X = weight[:, :C] in conv_dtype, and level_weight(l) -> (O * 9, R) in acc for level l, made when called
+    (one level's 9 * O * R copy at a time). Differentiable if `weight` is; nothing is cached (a cache keyed on the
+    weight's version would miss edits through `.data`)."""
+    return weight[:, :C].to(conv_dtype), lambda l: _level_weight(weight, C, R, l, acc)
 
 
 def _context_q(bins, level_weight, levels: torch.Tensor) -> torch.Tensor:
@@ -112,8 +107,10 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
         pooled = kernels.pyramid_pool(x, ppm.bins)
         with _no_autocast(x):
             levels = ppm._levels(kernels, pooled)
-            wx, wq = _head_weights(ppm, conv, cdt, levels.dtype)
-            q = _context_q(ppm.bins, wq.__getitem__, levels)
+            # Differentiable in a traced training graph (torch.compile); detached otherwise.
+            weight = conv.weight if torch.is_grad_enabled() and conv.weight.requires_grad else conv.weight.detach()
+            wx, level_weight = _split_weight(weight, ppm.in_channels, ppm.reduction_channels, cdt, levels.dtype)
+            q = _context_q(ppm.bins, level_weight, levels)
             z = F.conv2d(x.to(cdt), wx, None, 1, 1)
             folded = _folded_bn(bn, q.dtype)
             if folded is not None:
@@ -143,12 +140,10 @@ class _FusedHeadFunction(torch.autograd.Function):
             levels = ppm._levels(kernels, p)
         x_c = x.to(cdt)
         with torch.no_grad(), _no_autocast(x):
-            # Nothing weight-sized is cached or kept in training (the weight changes every step): one level's weights
-            # at a time, and W_X as a view.
-            w = conv.weight.detach()
-            C, R = ppm.in_channels, ppm.reduction_channels
-            q = _context_q(ppm.bins, lambda l: _level_weight(w, C, R, l, levels.dtype), levels.detach())
-            z = F.conv2d(x_c, w[:, :C].to(cdt), None, 1, 1)
+            wx, level_weight = _split_weight(conv.weight.detach(), ppm.in_channels, ppm.reduction_channels, cdt,
+                                             levels.dtype)
+            q = _context_q(ppm.bins, level_weight, levels.detach())
+            z = F.conv2d(x_c, wx, None, 1, 1)
         v = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)
         # The weight is saved (no copy) so that an in-place change before backward raises, as for the reference.
         ctx.save_for_backward(x_c, conv.weight)
@@ -167,8 +162,7 @@ class _FusedHeadFunction(torch.autograd.Function):
         C, R = ppm.in_channels, ppm.reduction_channels
         n, O = grad.shape[0], weight.shape[0]
         grad_q = kernels.head_context_backward(grad, ppm.bins, ppm.align_corners)  # (N, O, 9, S), levels' dtype
-        weight_d = weight.detach()
-        wx = weight_d[:, :C].to(ctx.conv_dtype)
+        wx, level_weight = _split_weight(weight.detach(), C, R, ctx.conv_dtype, grad_q.dtype)
         gx_conv, gw_x, _ = torch.ops.aten.convolution_backward(
             grad.to(x_c.dtype), x_c, wx, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
             [ctx.x_requires_grad, ctx.weight_grad, False])
@@ -185,7 +179,7 @@ class _FusedHeadFunction(torch.autograd.Function):
         for l, b in enumerate(ppm.bins):
             s = b * b
             gq = grad_q[:, :, :, off:off + s].reshape(n, O * 9, s)
-            grad_levels.append(torch.matmul(_level_weight(weight_d, C, R, l, gq.dtype).t(), gq))  # (N, R, s)
+            grad_levels.append(torch.matmul(level_weight(l).t(), gq))  # (N, R, s)
             if grad_w is not None:
                 g_l = torch.matmul(gq.transpose(0, 1).reshape(O * 9, n * s),
                                    lv[:, :, off:off + s].transpose(0, 1).reshape(R, n * s).t())  # (O * 9, R)

@@ -10,6 +10,7 @@ from pspnet_fast.head import PSPHead
 from pspnet_fast.reference import PSPHead as RefHead
 
 from .test_fused_ppm import _backends, _device, _layout, _skip_unavailable
+from .utils import randomize_bn
 
 BINS = [(1, 2, 3, 6), (1, 3, 6, 8), (2,)]
 SIZES = [(1, 1), (2, 2), (3, 3), (13, 13), (40, 40), (2, 5), (5, 9), (13, 3)]
@@ -29,12 +30,7 @@ def make_head(c=16, bins=(1, 2, 3, 6), align_corners=True, classes=5, red=4, mid
     """A reference head with non-trivial BatchNorm statistics everywhere."""
     torch.manual_seed(seed)
     ref = RefHead(c, classes, bins, red, mid, dropout, align_corners)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
+    randomize_bn(ref)
     return ref.to(device=device, dtype=dtype)
 
 

@@ -7,13 +7,19 @@ from pspnet_fast.reference import PyramidPooling as RefPPM
 def make_ref(c, bins, align_corners=True, dtype=torch.float32, device="cpu", seed=0, reduction=None):
     torch.manual_seed(seed)
     ref = RefPPM(c, bins, reduction, align_corners)
-    for m in ref.modules():
+    randomize_bn(ref)
+    return ref.to(device=device, dtype=dtype)
+
+
+def randomize_bn(module):
+    """Non-trivial running statistics and affine parameters in every BatchNorm2d (a fresh one is the identity in
+    eval, which would hide a wrong BatchNorm fold)."""
+    for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
-    return ref.to(device=device, dtype=dtype)
 
 
 def assert_close_to_ref(out, ref_out, dtype, ref64=None, ref_dtype_out=None):

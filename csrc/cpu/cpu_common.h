@@ -26,6 +26,19 @@ inline void check_bins(at::IntArrayRef bins) {
   for (int64_t b : bins) TORCH_CHECK(b > 0, "pspnet_fast: every bin count must be positive, got ", bins);
 }
 
+// The accumulation (and pooled / level-map) dtype of an input dtype: float64 for float64, float32 otherwise.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A 4-d floating-point map with channels, H, W >= 1: name "x", channels "C" -> "expected x of shape (N, C, H, W)".
+inline void check_map(const Tensor& t, const char* name, const char* channels) {
+  TORCH_CHECK(t.dim() == 4, "pspnet_fast: expected ", name, " of shape (N, ", channels, ", H, W), got ", t.dim(),
+              " dims ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pspnet_fast: expected a floating-point ", name, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.size(1) > 0 && t.size(2) > 0 && t.size(3) > 0, "pspnet_fast: expected ", name, " with ", channels,
+              ", H, W >= 1, got ", t.sizes());
+}
+
 inline bool is_channels_last(const Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }

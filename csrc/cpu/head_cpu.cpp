@@ -186,20 +186,9 @@ void head_context_backward_kernel(const Tensor& g, at::IntArrayRef bins, bool al
   });
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_map(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "pspnet_fast: expected ", name, " of shape (N, O, H, W), got ", t.dim(), " dims ",
-              t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pspnet_fast: expected a floating-point ", name, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.size(1) > 0 && t.size(2) > 0 && t.size(3) > 0, "pspnet_fast: expected ", name,
-              " with O, H, W >= 1, got ", t.sizes());
-}
-
 Tensor head_epilogue_cpu(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef bins, bool align_corners,
                          const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& shift_in, bool relu) {
-  check_map(z_in, "z");
+  check_map(z_in, "z", "O");
   check_bins(bins);
   const int64_t N = z_in.size(0), O = z_in.size(1), S = total_bins(bins);
   const at::ScalarType acc = acc_type_of(z_in.scalar_type());
@@ -238,7 +227,7 @@ Tensor head_epilogue_cpu(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef
 }
 
 Tensor head_context_backward_cpu(const Tensor& grad_in, at::IntArrayRef bins, bool align_corners) {
-  check_map(grad_in, "grad");
+  check_map(grad_in, "grad", "O");
   check_bins(bins);
   const Tensor g = grad_in.contiguous();
   const int64_t N = g.size(0), O = g.size(1);

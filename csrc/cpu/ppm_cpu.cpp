@@ -135,13 +135,6 @@ class OutputCache {
   size_t limit_ = 0;
 };
 
-void check_x(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "pspnet_fast: expected x of shape (N, C, H, W), got ", x.dim(), " dims ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pspnet_fast: expected a floating-point x, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
-              "pspnet_fast: expected x with C, H, W >= 1, got ", x.sizes());
-}
-
 // Combine the (segment row, segment col) sums of one (n, c) into every level's bin means.
 // seg: nsh x nsw sums, row-major; out: S means at stride out_stride.
 template <typename acc_t>
@@ -235,13 +228,13 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
 }
 
 Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
-  check_x(x_in);
+  check_map(x_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(x_in.device().is_cpu(), "pspnet_fast: pyramid_pool_cpu expects a CPU tensor, got ", x_in.device());
   const bool cl = is_channels_last(x_in);
   const Tensor x = cl ? x_in : x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_type_of(x.scalar_type());
   Tensor out = at::empty({N, C, total_bins(bins)}, x.options().dtype(acc_type));
   if (N == 0) return out;
   const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
@@ -542,7 +535,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
 
 Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
                            bool x_last) {
-  check_x(x_in);
+  check_map(x_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(levels_in.dim() == 3 && levels_in.size(0) == x_in.size(0) && levels_in.size(2) == total_bins(bins),
               "pspnet_fast: expected levels of shape (", x_in.size(0), ", R, ", total_bins(bins), "), got ",
@@ -641,7 +634,7 @@ void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, 
 
 Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArrayRef bins, bool align_corners,
                                     bool x_last) {
-  check_x(grad_in);
+  check_map(grad_in, "x", "C");
   check_bins(bins);
   const int64_t L = bins.size(), CO = grad_in.size(1);
   TORCH_CHECK(C >= 0 && CO > C && (CO - C) % L == 0,
@@ -652,7 +645,7 @@ Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArr
   const int64_t l0 = x_last ? 0 : C;  // first level channel of grad_out
   const bool cl = is_channels_last(grad_in);
   const Tensor g = cl ? grad_in : grad_in.contiguous();
-  const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_type_of(g.scalar_type());
   Tensor out = at::empty({N, R, S}, g.options().dtype(acc_type));
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cpu", [&] {
@@ -741,7 +734,7 @@ BinRuns make_bin_runs(int64_t b, int64_t n) {
 // grad_x = grad_out[:, :C] + sum_l pool_l^T grad_pooled_l, gathered per output element.
 Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& grad_in, at::IntArrayRef bins,
                                  int64_t x_offset) {
-  check_x(grad_in);
+  check_map(grad_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(grad_pooled_in.dim() == 3 && grad_pooled_in.size(0) == grad_in.size(0) &&
                   grad_pooled_in.size(1) <= grad_in.size(1) && grad_pooled_in.size(2) == total_bins(bins),
