@@ -17,6 +17,12 @@
 // x_last (default false) puts x after the levels, out = [levels..., x] (segmentation_models_pytorch's order); the
 // adjoints read that layout with x_last / x_offset = L*R (CPU kernels; the CUDA adjoints refuse them and are given
 // the views grad_out[:, :L*R] with in_channels = 0 and grad_out[:, L*R:] instead, see pspnet_fast/_order.py).
+// The eval forward with X read once (x is pooled and copied into its channels of out in the same pass; a second
+// pass writes only the level channels):
+//   ppm_forward(x (N, C, H, W), weight (L, R, C), scale (L, R)?, shift (L, R)?, bins, relu, align_corners, x_last)
+//       -> out = upsample_concat(x, ppm_reduce(pyramid_pool(x, bins), weight, scale, shift, bins, relu), bins,
+//                                align_corners, x_last), bit for bit the composition's values;
+//          weight, scale, shift in pyramid_pool's output dtype (float32; float64 for float64 x)
 // The fused PSP head (the 3x3 bottleneck split as conv3x3(x; W_X) + context of the small level maps, see
 // pspnet_fast/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
 //   head_epilogue(z (N, O, H, W), q (N, O, 9, S), bins, align_corners, scale (O)?, shift (O)?, relu)
@@ -57,6 +63,8 @@ TORCH_LIBRARY(pspnet_fast, m) {
   m.def("upsample_concat_backward(Tensor grad_out, int in_channels, int[] bins, bool align_corners, bool x_last=False) "
         "-> Tensor");
   m.def("pyramid_pool_backward(Tensor grad_pooled, Tensor grad_out, int[] bins, int x_offset=0) -> Tensor");
+  m.def("ppm_forward(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[] bins, bool relu, bool align_corners, "
+        "bool x_last=False) -> Tensor");
   m.def("head_epilogue(Tensor z, Tensor q, int[] bins, bool align_corners, Tensor? scale, Tensor? shift, bool relu) "
         "-> Tensor");
   m.def("head_context_backward(Tensor grad, int[] bins, bool align_corners) -> Tensor");

@@ -141,24 +141,34 @@ class OpSet:
     upsample_concat: Callable
     upsample_concat_backward: Callable
     pyramid_pool_backward: Callable
+    ppm_forward: Callable | None  # None where the backend has no read-once forward: see ppm_forward()
     head_epilogue: Callable | None  # None where the backend has no fused-head kernels
     head_context_backward: Callable | None
 
 
 _OP_NAMES = ("pyramid_pool", "ppm_reduce", "upsample_concat", "upsample_concat_backward", "pyramid_pool_backward")
-_HEAD_OP_NAMES = ("head_epilogue", "head_context_backward")
+_OPTIONAL_OP_NAMES = ("ppm_forward", "head_epilogue", "head_context_backward")
 
 
-def _op_set(prefix: str) -> OpSet:
+def _has_kernel(ns, name: str, dispatch_key: str | None) -> bool:
+    if not hasattr(ns, name):
+        return False
+    if dispatch_key is None:
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pspnet_fast::{name}", dispatch_key)
+
+
+def _op_set(prefix: str, dispatch_key: str | None = None) -> OpSet:
     ns = torch.ops.pspnet_fast
-    head = [getattr(ns, prefix + name) if hasattr(ns, prefix + name) else None for name in _HEAD_OP_NAMES]
-    return OpSet(*(getattr(ns, prefix + name) for name in _OP_NAMES), *head)
+    extra = [getattr(ns, prefix + name) if _has_kernel(ns, prefix + name, dispatch_key) else None
+             for name in _OPTIONAL_OP_NAMES]
+    return OpSet(*(getattr(ns, prefix + name) for name in _OP_NAMES), *extra)
 
 
 def op_set(backend: str) -> OpSet:
     """The ops of a compiled backend ("cpu" and "cuda" share the dispatcher ops; "triton" has its own)."""
     if backend in ("cpu", "cuda"):
-        return _op_set("")
+        return _op_set("", backend.upper())
     if backend == "triton":
         mod, why = _triton_module()
         if mod is None:
@@ -218,6 +228,22 @@ def _fake_pyramid_pool_backward(grad_pooled, grad_out, bins, x_offset=0):
     n, c = grad_pooled.shape[:2]
     h, w = grad_out.shape[2:]
     return grad_out.new_empty((n, c, h, w)).contiguous(memory_format=_out_memory_format(grad_out))
+
+
+def _fake_ppm_forward(x, weight, scale, shift, bins, relu, align_corners, x_last=False):
+    n, c, h, w = x.shape
+    return x.new_empty((n, c + len(bins) * weight.shape[1], h, w)).contiguous(memory_format=_out_memory_format(x))
+
+
+def ppm_forward(kernels: OpSet, x, weight, scale, shift, bins, relu, align_corners, x_last=False):
+    """The eval forward (N, C + L*R, H, W): kernels.ppm_forward (x read once) where the backend has it, else the
+    composition pyramid_pool -> ppm_reduce -> upsample_concat (x read twice; the same values)."""
+    if kernels.ppm_forward is not None:
+        return kernels.ppm_forward(x, weight, scale, shift, bins, relu, align_corners, x_last)
+    from . import _order
+    pooled = kernels.pyramid_pool(x, bins)
+    levels = kernels.ppm_reduce(pooled, weight, scale, shift, bins, relu)
+    return _order.upsample_concat(kernels, x, levels, bins, align_corners, x_last)
 
 
 def _fake_head_epilogue(z, q, bins, align_corners, scale, shift, relu):
@@ -349,6 +375,7 @@ def _register(prefix: str, with_fake: bool) -> None:
         torch.library.register_fake(ns + "upsample_concat")(_fake_upsample_concat)
         torch.library.register_fake(ns + "upsample_concat_backward")(_fake_upsample_concat_backward)
         torch.library.register_fake(ns + "pyramid_pool_backward")(_fake_pyramid_pool_backward)
+        torch.library.register_fake(ns + "ppm_forward")(_fake_ppm_forward)
         torch.library.register_fake(ns + "head_epilogue")(_fake_head_epilogue)
         torch.library.register_fake(ns + "head_context_backward")(_fake_head_context_backward)
     torch.library.register_autograd(ns + "pyramid_pool", _pool_backward_for(prefix), setup_context=_pool_setup)
