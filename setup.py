@@ -107,7 +107,8 @@ def _build_ext():
 
 
 setup(
-    packages=["pspnet_fast", "pspnet_fast.models", "pspnet_fast.kernels", "pspnet_fast.benchmarks"],
+    packages=["pspnet_fast", "pspnet_fast.ops", "pspnet_fast.nn", "pspnet_fast.models", "pspnet_fast.interop",
+              "pspnet_fast.training", "pspnet_fast.kernels", "pspnet_fast.benchmarks"],
     package_dir={"pspnet_fast.kernels": "kernels", "pspnet_fast.benchmarks": "benchmarks"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -13,16 +13,17 @@ import sys
 
 import torch
 
-from .common import Case, Workload, build_case, randomize_bn
+from pspnet_fast.nn import PSPHead as FusedHead
+from pspnet_fast.reference import PSPHead
+
+from .common import C, SIZES, Case, Workload, build_case, feature_shape, randomize_bn
+from .runner import run
 
 NUM_CLASSES = 150  # ADE20K, the 473x473 setting
 
 
 def build(shape, dtype, device, channels_last=False, compile_ref=True, train=False) -> Case:
     """x (N, C, H, W) -> logits (N, 150, H, W). Dropout 0, so training outputs compare exactly in kind."""
-    import pspnet_fast
-    from pspnet_fast.reference import PSPHead
-
     n, c, h, w = shape
     torch.manual_seed(0)
     ref = PSPHead(c, NUM_CLASSES, dropout=0.0)
@@ -30,7 +31,7 @@ def build(shape, dtype, device, channels_last=False, compile_ref=True, train=Fal
     x = torch.randn(n, c, h, w)
 
     return build_case("head-train" if train else "head", shape, dtype, device, channels_last, ref,
-                      lambda backend, r: pspnet_fast.PSPHead.from_reference(r, backend=backend), x,
+                      lambda backend, r: FusedHead.from_reference(r, backend=backend), x,
                       (n, NUM_CLASSES, h, w), train, compile_ref, deep=True)
 
 
@@ -40,16 +41,17 @@ def build_train(shape, dtype, device, channels_last=False, compile_ref=True) -> 
 
 WORKLOADS = [
     Workload("head", build, train=False, rounds=5, warmup=0, quick_shape=(1, 256, 13, 13),
-             about="PSP head forward, eval, no_grad"),
+             about="PSP head forward, eval, no_grad", default_shapes=(feature_shape(False, SIZES["473x473"]),),
+             cost_s=(16, 71)),
     Workload("head-train", build_train, train=True, rounds=3, warmup=0, quick_shape=(2, 256, 13, 13),
-             about="PSP head forward + backward, training mode, dropout 0"),
+             about="PSP head forward + backward, training mode, dropout 0",
+             # Its peak memory is the point; the 473 size is ~6 min on the 2-core CPU, 2x2048x30x30 ~1.5 min.
+             default_shapes=((2, C, 30, 30),), cost_s=(40, 320)),
 ]
 
 
 def main(argv=None) -> int:
-    from .suite import main as suite_main
-
-    return suite_main(argv, only=[w.name for w in WORKLOADS], prog="python -m pspnet_fast.benchmarks.bench_head")
+    return run(argv, {w.name: w for w in WORKLOADS}, "python -m pspnet_fast.benchmarks.bench_head", __doc__)
 
 
 if __name__ == "__main__":

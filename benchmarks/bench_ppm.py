@@ -13,22 +13,23 @@ import sys
 
 import torch
 
-from .common import Case, Workload, build_case, randomize_bn
+from pspnet_fast.nn import PyramidPooling as FusedPPM
+from pspnet_fast.reference import PyramidPooling as RefPPM
+
+from .common import SIZES, Case, Workload, build_case, feature_shape, randomize_bn
+from .runner import run
 
 
 def build(shape, dtype, device, channels_last=False, compile_ref=True, train=False) -> Case:
     """x (N, C, H, W) -> (N, 2C, H, W): bins (1, 2, 3, 6), C/4 channels per level, align_corners=True (the authors').
     Random weights (seed 0) with non-trivial BatchNorm statistics, x ~ N(0, 1)."""
-    import pspnet_fast
-    from pspnet_fast.reference import PyramidPooling as RefPPM
-
     n, c, h, w = shape
     torch.manual_seed(0)
     ref = RefPPM(c)
     randomize_bn(ref)
     x = torch.randn(n, c, h, w)
     return build_case("ppm-train" if train else "ppm", shape, dtype, device, channels_last, ref,
-                      lambda backend, r: pspnet_fast.PyramidPooling.from_reference(r, backend=backend), x,
+                      lambda backend, r: FusedPPM.from_reference(r, backend=backend), x,
                       (n, ref.out_channels, h, w), train, compile_ref,
                       # Training: gradients through BatchNorm's batch statistics, the gradient tests' tolerance.
                       deep=train)
@@ -40,16 +41,16 @@ def build_train(shape, dtype, device, channels_last=False, compile_ref=True) -> 
 
 WORKLOADS = [
     Workload("ppm", build, train=False, rounds=15, warmup=3, quick_shape=(1, 256, 13, 13),
-             about="PPM forward, eval, no_grad"),
+             about="PPM forward, eval, no_grad", default_shapes=tuple(feature_shape(False, hw) for hw in SIZES.values()),
+             cost_s=(20, 22)),
     Workload("ppm-train", build_train, train=True, rounds=7, warmup=1, quick_shape=(2, 256, 13, 13),
-             about="PPM forward + backward, training mode, out.backward(g), g fixed"),
+             about="PPM forward + backward, training mode, out.backward(g), g fixed",
+             default_shapes=(feature_shape(True, SIZES["473x473"]),), cost_s=(33, 56)),
 ]
 
 
 def main(argv=None) -> int:
-    from .suite import main as suite_main
-
-    return suite_main(argv, only=[w.name for w in WORKLOADS], prog="python -m pspnet_fast.benchmarks.bench_ppm")
+    return run(argv, {w.name: w for w in WORKLOADS}, "python -m pspnet_fast.benchmarks.bench_ppm", __doc__)
 
 
 if __name__ == "__main__":

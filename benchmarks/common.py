@@ -17,7 +17,6 @@ import argparse
 import copy
 import ctypes
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ import time
 from typing import Callable, Sequence
 
 import torch
+
+from pspnet_fast import ops
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
@@ -87,7 +88,7 @@ def _commit() -> str | None:
 def machine_info(device: str) -> dict:
     """machine (GPU name, or CPU model and core count), versions (torch, triton, python, cuda), commit, threads."""
     try:
-        import triton
+        import triton  # optional: only its version is recorded
 
         triton_version = triton.__version__
     except Exception:
@@ -185,7 +186,6 @@ def add_providers(providers: dict, skipped: dict, ref: torch.nn.Module, make_fus
     backend that runs inputs[0]. make_call(module_called, module_owning_params, *inputs) -> the provider's callable
     (eval_call or train_call); make_fused(backend) -> the fused module carrying ref's weights."""
     x = inputs[0]
-    from pspnet_fast import ops
 
     providers["reference"] = make_call(ref, ref, *inputs)
     if compile_ref:
@@ -220,6 +220,24 @@ class Workload:
     warmup: int  # untimed calls after the checked first call (0 where a call takes seconds: the first one warms)
     quick_shape: tuple[int, int, int, int]
     about: str
+    # The suite's default run: these shapes (empty: left out by default; the 473 size when asked for by name).
+    default_shapes: tuple = ()
+    # Seconds per case on the 2-core CPU reference machine, default options: (compile, the rest at the 473 size; the
+    # rest scales with N*H*W). Only for estimating a left-out case whose workload did not run in this run.
+    cost_s: tuple[float, float] = (0.0, 0.0)
+    label: Callable[[tuple], str] | None = None  # the case's name in the log (default "NAME NxCxHxW")
+    fixed_channels: int | None = None  # C of the feature shape when the workload fixes it (a whole model's backbone)
+
+
+C = 2048  # ResNet-50 layer4's channels: every published PSPNet size
+# Backbone feature sizes of the published settings: 473x473 crops, 713x713 crops, Cityscapes 512x1024.
+SIZES = {"473x473": (60, 60), "713x713": (90, 90), "cityscapes": (64, 128)}
+
+
+def feature_shape(train: bool, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(N, C, H, W) at a published size: N = 2 for training workloads (BatchNorm in training refuses the single
+    value per channel of the 1x1 pyramid level at N = 1), else 1."""
+    return (2 if train else 1, C, *hw)
 
 
 def randomize_bn(module: torch.nn.Module, seed: int = 1) -> None:
@@ -527,91 +545,6 @@ def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------------
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**20:.1f}"
-
-
-def format_table(rows: list[dict]) -> str:
-    """One line per row; WRONG / FAILED marked in the error column, never dropped."""
-    head = (f"{'workload':<10} {'shape':<15} {'dtype':<8} {'provider':<24} {'median ms':>10} {'spread ms':>19} "
-            f"{'vs eager':>8} {'vs compile':>10} {'roofline':>8} {'peak MiB':>9} {'max abs err':>12}")
-    lines = [head, "-" * len(head)]
-    prev = None
-    for r in rows:
-        key = (r["workload"], tuple(r["shape"]), r["dtype"])
-        if prev is not None and key != prev:
-            lines.append("")
-        prev = key
-        shape = fmt_shape(r["shape"]) + (" CL" if r.get("channels_last") else "")
-        if r.get("error"):
-            lines.append(f"{r['workload']:<10} {shape:<15} {r['dtype']:<8} {r['provider']:<24} FAILED: {r['error']}")
-            continue
-        ve = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
-        vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
-        err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}" + (" WRONG" if r["wrong"] else "")
-        spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
-        lines.append(
-            f"{r['workload']:<10} {shape:<15} {r['dtype']:<8} {r['provider']:<24} {r['median_ms']:>10.2f} "
-            f"{spread:>19} {ve:>8} {vc:>10} {r['roofline_fraction']:>8.2f} {_fmt_bytes(r['peak_mem_bytes']):>9} "
-            f"{err:>12}")
-    return "\n".join(lines)
-
-
-def write_json(rows: list[dict], path: str) -> None:
-    """A JSON list of rows (JSON_KEYS plus min_ms, max_ms, wrong, error, check details ...)."""
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
-        f.write("\n")
-
-
-def check_plot_available() -> str | None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return "--plot needs matplotlib, which is not installed: pip install .[plot]  (or: pip install matplotlib)"
-    return None
-
-
-def write_plot(rows: list[dict], path: str) -> None:
-    """PNG bar chart: speed-up over the reference eager, one group per (workload, shape, dtype), one bar per
-    provider; the eager reference is the line at 1. matplotlib is imported here only (an optional dependency)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["provider"] not in ("reference", "copy") and r.get("speedup_vs_eager")]
-    groups = list(dict.fromkeys((r["workload"], fmt_shape(r["shape"]), r["dtype"]) for r in rows))
-
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    width = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.5))
-    for i, p in enumerate(providers):
-        xs, matched = [], []
-        for j, g in enumerate(groups):
-            for r in rows:
-                if r["provider"] == p and (r["workload"], fmt_shape(r["shape"]), r["dtype"]) == g:
-                    xs.append(j + (i - (len(providers) - 1) / 2) * width)
-                    matched.append(r)
-        bars = ax.bar(xs, [r["speedup_vs_eager"] for r in matched], width, label=p)
-        for b, r in zip(bars, matched):
-            if r.get("wrong"):  # a wrong result's speed is no speed: hatched, not hidden
-                b.set_hatch("xx")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{w}\n{s}\n{d}" for w, s, d in groups], fontsize=8)
-    ax.set_ylabel("speed-up over reference eager (x)")
-    info = rows[0] if rows else {}
-    ax.set_title(f"pspnet_fast bench: {info.get('machine', '')}, torch {info.get('versions', {}).get('torch', '')}, "
-                 f"commit {info.get('commit')}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def stderr_progress(prefix: str = "") -> Callable[[str], None]:
     t0 = time.perf_counter()
 

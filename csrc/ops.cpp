@@ -1,5 +1,6 @@
 // Every op's schema, declared once. Backends implement them in cpu/*.cpp and cuda/*.cu; fake (meta) kernels and
-// autograd live in pspnet_fast/ops.py. The Triton backend registers its own ops (pspnet_fast::triton_*) from Python.
+// autograd live in pspnet_fast/ops/ (fake.py, autograd.py). The Triton backend registers its own ops
+// (pspnet_fast::triton_*) from Python.
 //
 // Shapes (S = sum over levels of b_l^2; level l's bins sit at columns [off_l, off_l + b_l^2), row-major i * b_l + j):
 //   pyramid_pool(x (N, C, H, W), bins)                        -> pooled (N, C, S), float32 (float64 for float64 x)
@@ -24,7 +25,7 @@
 //                                align_corners, x_last), bit for bit the composition's values;
 //          weight, scale, shift in pyramid_pool's output dtype (float32; float64 for float64 x)
 // The fused PSP head (the 3x3 bottleneck split as conv3x3(x; W_X) + context of the small level maps, see
-// pspnet_fast/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
+// pspnet_fast/nn/head.py; q[n, o, t, off_l + s] = W_l[o, :, t / 3, t % 3] . P_l[n, :, s], t = 3 * dy + dx):
 //   head_epilogue(z (N, O, H, W), q (N, O, 9, S), bins, align_corners, scale (O)?, shift (O)?, relu)
 //       -> out = act((z + context(q)) * scale + shift), z's dtype and memory format; q, scale, shift float32
 //          (float64 for float64 z); context(n, o, y, x) = sum over levels l and taps t = (dy, dx) with

@@ -5,12 +5,18 @@
     from pspnet_fast.reference import PyramidPooling as RefPPM, PSPHead
     from pspnet_fast.models import PSPNet, load_checkpoint
     pspnet_fast.patch(model)                        # fuse the PPMs of an existing (authors', mmseg, smp) model
+
+Layers, each using only those below it: reference (the pure-PyTorch truth) -> ops (functional API, backends, fake
+kernels, autograd) -> nn (drop-in modules) -> models (ResNet, PSPNet) -> interop (patch, convert) and training
+(data, train, evaluate) -> cli.
 """
-from . import reference
-from .head import PSPHead
-from .modules import PyramidPooling
+from . import _compat, interop, models, nn, ops, reference, training
+from .interop import patch
+from .nn import PSPHead, PyramidPooling
 from .ops import available_backends, choose_backend
-from .patching import patch
+
+_compat.install()
 
 __version__ = "0.1.0"
-__all__ = ["PSPHead", "PyramidPooling", "available_backends", "choose_backend", "patch", "reference", "__version__"]
+__all__ = ["PSPHead", "PyramidPooling", "available_backends", "choose_backend", "interop", "models", "nn", "ops",
+           "patch", "reference", "training", "__version__"]

@@ -1,24 +1,27 @@
 """The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite), `train` and `eval`
 (the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download), `convert`
-(checkpoint keys to PSPNet's layout, pspnet_fast/convert.py)."""
+(checkpoint keys to PSPNet's layout, pspnet_fast/interop/convert.py). The top layer: it uses every other one."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import torch
+
+from . import __version__, ops
+from .benchmarks import suite
+from .interop import convert
+from .ops import _ext
+from .training import evaluate, train
 
 
 def _info(args) -> int:
-    import os
-
-    import torch
-
-    from . import _ext, ops
-
-    print(f"pspnet_fast {__import__('pspnet_fast').__version__}")
+    print(f"pspnet_fast {__version__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
           f"devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0})")
     try:
-        import triton
+        import triton  # optional: the Triton backend
 
         print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
                                                  else ""))
@@ -42,17 +45,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         # The suite owns its arguments (`pspnet-fast bench --help` lists them).
-        from .benchmarks import suite
-
         return suite.main(argv[1:], prog="pspnet-fast bench")
     if argv and argv[0] in ("train", "eval"):
         # Each owns its arguments (`pspnet-fast train --help`).
-        from . import evaluate, train
-
         return (train if argv[0] == "train" else evaluate).main(argv[1:], prog=f"pspnet-fast {argv[0]}")
     if argv and argv[0] == "convert":
-        from . import convert
-
         return convert.main(argv[1:], prog="pspnet-fast convert")
     p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,6 +1,8 @@
 """Shared test helpers: reference modules with non-trivial BatchNorm, tolerances per dtype."""
+import pytest
 import torch
 
+from pspnet_fast.ops.backends import _why_not_machine
 from pspnet_fast.reference import PyramidPooling as RefPPM
 
 
@@ -38,3 +40,32 @@ def assert_close_to_ref(out, ref_out, dtype, ref64=None, ref_dtype_out=None):
     scale = ref_out.double().abs().max().item() if out.numel() else 0.0
     tol = 1e-12 * scale if dtype == torch.float64 else 1e-5 * scale + 1e-6
     assert d <= tol, (d, tol)
+
+
+# Backend parametrization shared by the fused-module tests (CUDA and Triton on a GPU only).
+def _backends():
+    out = [pytest.param("cpu", id="cpu")]
+    out.append(pytest.param("cuda", id="cuda", marks=pytest.mark.needs_cuda))
+    out.append(pytest.param("triton", id="triton", marks=pytest.mark.needs_cuda))
+    return out
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else "cuda"
+
+
+def _skip_unavailable(backend):
+    why = _why_not_machine(backend)
+    if why is not None:
+        pytest.skip(f"backend {backend} unavailable: {why}")
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last)
+    if layout == "view":
+        # a non-contiguous view: every other channel of a wider tensor, spatially transposed storage
+        wide = torch.cat([x, x], 1)[:, ::2]
+        assert not wide.is_contiguous()
+        return wide
+    return x

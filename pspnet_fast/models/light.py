@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import check_bins, check_positive_int
+from ..nn.ppm import PyramidPooling as FusedPyramidPooling
 from ..reference import PyramidPooling as RefPyramidPooling
 from ..reference import _make_cls
 from .pspnet import PSPNet
@@ -87,9 +88,7 @@ class LightPSPNet(PSPNet):
         if use_ppm:
             reduction = max(fea_dim // len(bins), 1)
             if fused:
-                from ..modules import PyramidPooling
-
-                self.ppm = PyramidPooling(fea_dim, bins, reduction, align_corners, backend=backend)
+                self.ppm = FusedPyramidPooling(fea_dim, bins, reduction, align_corners, backend=backend)
             else:
                 self.ppm = RefPyramidPooling(fea_dim, bins, reduction, align_corners)
             fea_dim = self.ppm.out_channels

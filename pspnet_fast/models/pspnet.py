@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_bins, check_positive_int
-from ..head import psp_head_forward
+from ..nn.head import psp_head_forward
+from ..nn.ppm import PyramidPooling as FusedPyramidPooling
 from ..reference import PyramidPooling as RefPyramidPooling
 from ..reference import _make_cls
 from .resnet import ResNet
@@ -77,9 +78,7 @@ class PSPNet(nn.Module):
         fea_dim = 2048
         if use_ppm:
             if fused:
-                from ..modules import PyramidPooling
-
-                self.ppm = PyramidPooling(fea_dim, bins, fea_dim // len(bins), align_corners, backend=backend)
+                self.ppm = FusedPyramidPooling(fea_dim, bins, fea_dim // len(bins), align_corners, backend=backend)
             else:
                 self.ppm = RefPyramidPooling(fea_dim, bins, fea_dim // len(bins), align_corners)
             fea_dim = self.ppm.out_channels
@@ -102,7 +101,7 @@ class PSPNet(nn.Module):
         f3 = self.layer3(f)
         f4 = self.layer4(f3)
         if self.use_ppm:
-            # The fused head (pspnet_fast.head) where the PPM is the fused one: cls(ppm(f4)) without the concatenation.
+            # The fused head (pspnet_fast.nn.head) where the PPM is the fused one: cls(ppm(f4)) without the concatenation.
             out = psp_head_forward(f4, self.ppm, self.cls, getattr(self.ppm, "backend", "reference"))
         else:
             out = self.cls(f4)

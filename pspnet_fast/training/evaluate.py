@@ -18,70 +18,17 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from ..models import load_checkpoint
+from .builders import build_model, make_source
+from .data import IGNORE_INDEX, SegDataset, read_colors, read_names
+from .data import save_colorized as _save_colorized
+from .data import save_rgb as _save_rgb
+from .metrics import Metrics, format_table, intersection_union
 
 __all__ = ["intersection_union", "Metrics", "predict_probs", "sliding_window", "evaluate", "format_table", "main"]
-
-
-def intersection_union(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX):
-    """pred, target: int tensors of one shape. -> (intersection, union, target) areas per class, int64 (K,).
-    Pixels whose target is ignore_index count nowhere."""
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ in shape")
-    keep = target != ignore_index
-    p, t = pred[keep].long(), target[keep].long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(f"label values must be 0..{num_classes - 1} or {ignore_index}, got {int(t.min())}.."
-                         f"{int(t.max())}")
-    inter = torch.bincount(t[p == t], minlength=num_classes)[:num_classes]
-    area_p = torch.bincount(p.clamp(0, num_classes - 1), minlength=num_classes)[:num_classes]
-    area_t = torch.bincount(t, minlength=num_classes)[:num_classes]
-    return inter, area_p + area_t - inter, area_t
-
-
-class Metrics:
-    """Accumulates intersection/union/target areas over a set; .summary() -> dict(iou, acc (K,) float arrays,
-    miou, macc, allacc)."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.inter = torch.zeros(num_classes, dtype=torch.int64)
-        self.union = torch.zeros(num_classes, dtype=torch.int64)
-        self.target = torch.zeros(num_classes, dtype=torch.int64)
-
-    def update(self, pred, target) -> None:
-        i, u, t = intersection_union(torch.as_tensor(pred).cpu(), torch.as_tensor(target).cpu(), self.num_classes)
-        self.inter += i
-        self.union += u
-        self.target += t
-
-    def merge(self, areas: torch.Tensor) -> None:
-        """areas: (3, K) = stacked (inter, union, target), e.g. all-reduced over processes."""
-        self.inter, self.union, self.target = (a.clone() for a in areas.to(torch.int64))
-
-    def areas(self) -> torch.Tensor:
-        return torch.stack([self.inter, self.union, self.target])
-
-    def summary(self) -> dict:
-        eps = 1e-10
-        inter, union, target = (a.double().numpy() for a in (self.inter, self.union, self.target))
-        iou, acc = inter / (union + eps), inter / (target + eps)
-        return {"iou": iou, "acc": acc, "miou": float(iou.mean()), "macc": float(acc.mean()),
-                "allacc": float(inter.sum() / (target.sum() + eps))}
-
-
-def format_table(summary: dict, classes=None) -> str:
-    k = len(summary["iou"])
-    classes = classes or [str(i) for i in range(k)]
-    width = max(12, max(len(c) for c in classes))
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}"]
-    for c, iou, acc in zip(classes, summary["iou"], summary["acc"]):
-        lines.append(f"{c:<{width}}  {100 * iou:7.2f}  {100 * acc:7.2f}")
-    lines.append(f"mIoU {100 * summary['miou']:.2f}  mAcc {100 * summary['macc']:.2f}  "
-                 f"allAcc {100 * summary['allacc']:.2f}")
-    return "\n".join(lines)
 
 
 def predict_probs(model, x: torch.Tensor, flip: bool = True) -> torch.Tensor:
@@ -168,8 +115,6 @@ def evaluate(model, dataset, num_classes: int, crop, scales=(1.0,), base_size=No
     finally:
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
         areas = metrics.areas().to(device)
         dist.all_reduce(areas)
         metrics.merge(areas.cpu())
@@ -177,18 +122,14 @@ def evaluate(model, dataset, num_classes: int, crop, scales=(1.0,), base_size=No
 
 
 def save_colorized(pred, palette, path):
-    from .data import save_colorized as _save
-
     pal = palette.copy()
     if len(pal) < 256:
         pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.uint8)])
-    _save(pred, pal, path)
+    _save_colorized(pred, pal, path)
 
 
 def save_rgb(img, path):
-    from .data import save_rgb as _save
-
-    _save(img, path)
+    _save_rgb(img, path)
 
 
 def build_parser(prog="pspnet-fast eval") -> argparse.ArgumentParser:
@@ -227,8 +168,6 @@ def build_parser(prog="pspnet-fast eval") -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog="pspnet-fast eval") -> int:
-    from .train import build_model, make_source
-
     args = build_parser(prog).parse_args(argv)
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
@@ -257,8 +196,6 @@ def main(argv=None, prog="pspnet-fast eval") -> int:
         raise ValueError(f"the checkpoint has {k} classes, the data {source.num_classes}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg["layers"], k, cfg["width"], cfg["use_ppm"], args.fused)
-    from .models import load_checkpoint
-
     load_checkpoint(model, args.checkpoint)
     model.to(device)
     crop = tuple(args.crop or cfg.get("crop") or (473, 473))
@@ -266,11 +203,7 @@ def main(argv=None, prog="pspnet-fast eval") -> int:
     classes = read_names_opt(args.names) or getattr(source, "classes", None)
     palette = getattr(source, "palette", None)
     if args.colors:
-        from .data import read_colors
-
         palette = read_colors(args.colors)
-    from .data import SegDataset
-
     ds = SegDataset(source)
     t0 = time.time()
     summary = evaluate(model, ds, k, crop, tuple(args.scales), args.base_size, args.flip, device, args.save_dir,
@@ -286,8 +219,6 @@ def main(argv=None, prog="pspnet-fast eval") -> int:
 def read_names_opt(path):
     if not path:
         return None
-    from .data import read_names
-
     return read_names(path)
 
 

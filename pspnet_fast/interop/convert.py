@@ -33,6 +33,8 @@ import sys
 
 import torch
 
+from ..models.pspnet import _read_state_dict
+
 __all__ = ["convert_state_dict", "main"]
 
 _LAYERS = {6: 50, 23: 101, 36: 152}  # blocks in layer3 -> depth
@@ -136,7 +138,7 @@ def describe(sd: dict, source: str) -> dict:
 
 def main(argv=None, prog: str = "pspnet-fast convert") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Rewrite a PSPNet checkpoint's keys to pspnet_fast's PSPNet "
-                                "layout (mapping documented in pspnet_fast/convert.py and README.md).")
+                                "layout (mapping documented in pspnet_fast/interop/convert.py and README.md).")
     p.add_argument("src", help="checkpoint to read (a state_dict or {'state_dict': ...})")
     p.add_argument("dst", help="file to write")
     p.add_argument("--from", dest="source", required=True, choices=("authors", "mmseg"))
@@ -144,8 +146,6 @@ def main(argv=None, prog: str = "pspnet-fast convert") -> int:
     p.add_argument("--no-contract-dilation", action="store_true",
                    help="mmseg: assert the ResNet backbone was built with contract_dilation=False, style='pytorch'")
     args = p.parse_args(argv)
-    from .models.pspnet import _read_state_dict
-
     try:
         sd = convert_state_dict(_read_state_dict(args.src), args.source, args.head_only, args.no_contract_dilation)
     except (ConversionError, FileNotFoundError) as e:

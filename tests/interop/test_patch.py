@@ -10,7 +10,8 @@ from torch import nn
 
 import pspnet_fast
 from pspnet_fast import ops
-from pspnet_fast.patching import PatchedPyramidPooling
+from pspnet_fast.interop.patch import PatchedPyramidPooling
+from pspnet_fast.ops.backends import _why_not_machine
 
 from . import lookalikes as la
 
@@ -133,7 +134,7 @@ def test_smp_channels_last_grads(train):
 def test_smp_rotation_fallback(train, monkeypatch):
     """The paths of backends without native x-last support: forward rotated, adjoints through the levels-only and x
     views of grad_out (what the CUDA and Triton adjoints run); here with the CPU kernels."""
-    from pspnet_fast import _order
+    from pspnet_fast.ops import order as _order
 
     monkeypatch.setattr(_order, "native_x_last", lambda kernels, x: False)
     monkeypatch.setattr(_order, "_cpu_ops", lambda kernels, t: False)
@@ -200,7 +201,7 @@ class _Leaky(la.AuthorsPPM):
 
 def test_skipped_reported_and_style_override(caplog):
     model = nn.ModuleDict({"a": _Stages(), "b": _Leaky()})
-    with caplog.at_level(logging.INFO, logger="pspnet_fast.patching"):
+    with caplog.at_level(logging.INFO, logger="pspnet_fast.interop.patch"):
         names = pspnet_fast.patch(copy.deepcopy(model))
     assert names == []
     skipped = dict(names.skipped)
@@ -230,12 +231,12 @@ def test_bad_arguments():
     assert names == [] and "root" in dict(names.skipped)[""]
 
 
-@pytest.mark.skipif(ops._why_not_machine("cpu") is not None, reason="extension not built")
+@pytest.mark.skipif(_why_not_machine("cpu") is not None, reason="extension not built")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_x_last_ops(layout, dtype):
     """The CPU ops' x_last argument: the x-first layout rotated, forward and both adjoints."""
-    from pspnet_fast import _order
+    from pspnet_fast.ops import order as _order
 
     if not _order._has_x_last(torch.ops.pspnet_fast.upsample_concat):
         pytest.skip("ops built without x_last")
@@ -258,7 +259,7 @@ def test_x_last_ops(layout, dtype):
                        k.pyramid_pool_backward(gp, g_first, bins))
 
 
-@pytest.mark.skipif(ops._why_not_machine("cpu") is not None, reason="extension not built")
+@pytest.mark.skipif(_why_not_machine("cpu") is not None, reason="extension not built")
 def test_x_last_op_autograd():
     """The op's registered autograd with x_last: gradients of x and levels are those of the rotated layout."""
     k = ops.op_set("cpu")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pspnet_fast.data import MEAN, STD, Augment, ListSource, SegDataset, read_list
-from pspnet_fast.synthetic import SyntheticScenes
+from pspnet_fast.training.data import MEAN, STD, Augment, ListSource, SegDataset, read_list
+from pspnet_fast.training.synthetic import SyntheticScenes
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -36,7 +36,7 @@ STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 def _pil():
     try:
-        from PIL import Image
+        from PIL import Image  # optional dependency (the [data] extra): only reading and writing images needs it
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading and writing images needs Pillow: pip install 'pspnet_fast[data]' "
                           "(or pip install pillow)") from e

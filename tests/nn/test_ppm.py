@@ -6,40 +6,12 @@ import pspnet_fast
 from pspnet_fast import ops
 from pspnet_fast.reference import PyramidPooling as RefPPM
 
-from .utils import assert_close_to_ref, make_ref
-
-
-def _backends():
-    out = [pytest.param("cpu", id="cpu")]
-    out.append(pytest.param("cuda", id="cuda", marks=pytest.mark.needs_cuda))
-    out.append(pytest.param("triton", id="triton", marks=pytest.mark.needs_cuda))
-    return out
-
-
-def _device(backend):
-    return "cpu" if backend == "cpu" else "cuda"
-
-
-def _skip_unavailable(backend):
-    why = ops._why_not_machine(backend)
-    if why is not None:
-        pytest.skip(f"backend {backend} unavailable: {why}")
+from ..utils import _backends, _device, _layout, _skip_unavailable, assert_close_to_ref, make_ref
 
 
 BINS = [(1, 2, 3, 6), (1, 3, 6, 8), (2,), (6,)]
 SIZES = [(1, 1), (2, 5), (5, 2), (13, 13), (60, 64), (97, 13), (1, 97)]
 LAYOUTS = ["contiguous", "channels_last", "view"]
-
-
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.to(memory_format=torch.channels_last)
-    if layout == "view":
-        # a non-contiguous view: every other channel of a wider tensor, spatially transposed storage
-        wide = torch.cat([x, x], 1)[:, ::2]
-        assert not wide.is_contiguous()
-        return wide
-    return x
 
 
 @pytest.mark.parametrize("backend", _backends())

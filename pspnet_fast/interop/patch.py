@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _order, ops
-from ._checks import check_feature_map, check_same_device
-from .modules import PyramidPooling as FusedPyramidPooling
-from .modules import _FusedPPMFunction, _folded_bn
-from .reference import PyramidPooling as RefPyramidPooling
+from .. import ops
+from ..ops import order as _order
+from .._checks import check_feature_map, check_same_device
+from ..nn.ppm import PyramidPooling as FusedPyramidPooling
+from ..nn.ppm import _FusedPPMFunction, _folded_bn
+from ..reference import PyramidPooling as RefPyramidPooling
 
 __all__ = ["patch", "PatchResult", "PatchedPyramidPooling", "STYLES"]
 
-log = logging.getLogger("pspnet_fast.patching")
+log = logging.getLogger(__name__)
 
 STYLES = ("auto", "authors", "mmseg", "smp")
 # style -> (x_last, align_corners when the module has no `align_corners` attribute)
@@ -147,7 +148,7 @@ class PatchedPyramidPooling(nn.Module):
     in training each level's bias, BatchNorm and ReLU run as the module's own small graph on the b x b maps).
     Unequal reduction channels: the fused pooling, then per level the module's own conv/BN/ReLU and
     F.interpolate, concatenated (exact, slower). x-last order: upsample_concat(..., x_last=True) in every backend,
-    the adjoints through views of grad_out (pspnet_fast/_order.py). The 1x1 weights are restacked on every call
+    the adjoints through views of grad_out (pspnet_fast/ops/order.py). The 1x1 weights are restacked on every call
     (pspnet_fast.PyramidPooling caches them for inference; this module does not yet)."""
 
     def __init__(self, original: nn.Module, branches: list[_Branch], align_corners: bool, x_last: bool,
@@ -386,7 +387,7 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> Patch
     modules' backend ("auto", "cpu", "cuda", "triton", "reference").
 
     Returns a PatchResult: the list of qualified names replaced, with `.skipped` = [(name, reason)] for the modules
-    that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.patching" logger). The root
+    that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.interop.patch" logger). The root
     module itself is never replaced (it has no parent to be replaced in): use PatchedPyramidPooling or
     pspnet_fast.PyramidPooling.from_reference for a bare PPM."""
     if style not in STYLES:

@@ -1,7 +1,7 @@
 """The fused head's Triton ops (kernels/head_triton.py) in Triton's CPU interpreter, checked against the pure-PyTorch
 truth (pspnet_fast.reference: head_epilogue, head_context_backward).
 
-Same conventions as tests/test_triton_interp.py: TRITON_INTERPRET=1 is process-wide and must precede the import of
+Same conventions as tests/ops/test_triton_interp.py: TRITON_INTERPRET=1 is process-wide and must precede the import of
 triton, so run this file in its own pytest process; it skips itself where a CUDA device is present (the GPU runs the
 compiled kernels there) or where triton was already imported in compiled mode. Shapes stay tiny: the interpreter
 runs every block operation in numpy.
@@ -319,7 +319,7 @@ def test_argument_checks():
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_head_module_on_triton(train):
-    from pspnet_fast.head import PSPHead
+    from pspnet_fast.nn.head import PSPHead
     from pspnet_fast.reference import PSPHead as RefHead
 
     torch.manual_seed(0)

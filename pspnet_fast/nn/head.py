@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from ._checks import check_feature_map, check_same_device
-from .modules import PyramidPooling, _folded_bn
-from .reference import PSPHead as _RefPSPHead
+from .. import ops
+from .._checks import check_feature_map, check_same_device
+from .ppm import PyramidPooling, _folded_bn
+from ..reference import PSPHead as _RefPSPHead
 
 __all__ = ["PSPHead", "psp_head_forward"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pspnet_fast import cli
-from pspnet_fast.train import (build_model, config_from_args, param_groups, poly_lr, save_checkpoint, set_lr, train,
+from pspnet_fast.training.train import (build_model, config_from_args, param_groups, poly_lr, save_checkpoint, set_lr, train,
                                train_step)
 
 TINY = ["--layers", "18", "--width", "4", "--batch-size", "4", "--workers", "0", "--no-progress"]
@@ -130,7 +130,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 _WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch import nn
-    from pspnet_fast.train import build_model, convert_sync_batchnorm, param_groups, set_lr, train_step
+    from pspnet_fast.training.train import build_model, convert_sync_batchnorm, param_groups, set_lr, train_step
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # TRITON_INTERPRET=1 is process-wide: setting it here would turn the real GPU Triton tests of the other files
     # into interpreter runs. On a GPU machine those cover the Triton backend; run this file alone to test the
-    # interpreter there (TRITON_INTERPRET=1 pytest tests/test_triton_interp.py).
+    # interpreter there (TRITON_INTERPRET=1 pytest tests/ops/test_triton_interp.py).
     pytest.skip("a CUDA device is present: the Triton backend is tested on it by the other test files",
                 allow_module_level=True)
 if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -35,7 +35,7 @@ def _load_ppm_triton():
         from pspnet_fast.kernels import ppm_triton
         return ppm_triton
     except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "ppm_triton.py"
+        path = pathlib.Path(__file__).resolve().parents[2] / "kernels" / "ppm_triton.py"
         spec = importlib.util.spec_from_file_location("_pspnet_fast_kernels_ppm_triton", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -343,7 +343,7 @@ def test_argument_checks():
 def test_module_on_triton_backend(train, layout):
     import pspnet_fast
 
-    from .utils import assert_close_to_ref, make_ref
+    from ..utils import assert_close_to_ref, make_ref
 
     ref = make_ref(8, (1, 2, 3, 6), align_corners=False).train(train)
     fused = pspnet_fast.PyramidPooling.from_reference(ref, backend="triton")
@@ -548,7 +548,7 @@ def test_patched_smp_on_triton_backend(train, layout):
 
     import pspnet_fast
 
-    from . import lookalikes as la
+    from ..interop import lookalikes as la
 
     model = la.randomize_bn(la.SmpNet()).double().train(train)
     patched = copy.deepcopy(model)

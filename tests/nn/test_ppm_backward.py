@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import pspnet_fast
 from pspnet_fast import ops
 
-from .test_fused_ppm import _backends, _device, _layout, _skip_unavailable
-from .utils import make_ref
+from ..utils import _backends, _device, _layout, _skip_unavailable
+from ..utils import make_ref
 
 BINS = [(1, 2, 3, 6), (1, 3, 6, 8), (6,), (2,)]
 SIZES = [(1, 1), (2, 5), (5, 2), (13, 13), (60, 64), (97, 13)]
@@ -266,7 +266,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_half_precision_module_trains(dtype):
     """A module converted to a half type trains (its BatchNorm runs in that dtype, as the reference's)."""
     _skip_unavailable("cpu")
-    from .utils import assert_close_to_ref
+    from ..utils import assert_close_to_ref
 
     ref64 = make_ref(16, (1, 2, 3, 6), dtype=torch.float64).train()
     ref_h = make_ref(16, (1, 2, 3, 6), dtype=dtype).train()

@@ -25,7 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import IGNORE_INDEX, Augment, ListSource, SegDataset, read_list
+from ..models import load_backbone_weights, load_checkpoint
+from .builders import build_model, make_source
+from .data import IGNORE_INDEX, Augment, SegDataset
+from .evaluate import evaluate
+from .metrics import format_table
 
 __all__ = ["CPUSyncBatchNorm", "convert_sync_batchnorm", "build_model", "make_source", "param_groups", "poly_lr",
            "set_lr", "train_step", "save_checkpoint", "train", "main"]
@@ -48,6 +52,8 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        # Imported here: torch.distributed.nn pulls in the RPC frontend, which fails to import on torch builds
+        # without distributed support, and only a multi-process CPU run gets here.
         from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
@@ -92,26 +98,6 @@ def convert_sync_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model, data, schedule
-
-
-def build_model(layers: int, num_classes: int, width: int = 64, use_ppm: bool = True, fused: bool = True,
-                dropout: float = 0.1) -> nn.Module:
-    from .models.light import build_pspnet
-
-    return build_pspnet(layers, num_classes, width, use_ppm=use_ppm, fused=fused, dropout=dropout)
-
-
-def make_source(data: str, split: str, cfg: dict, data_root=None, need_labels: bool = True):
-    """'synthetic' -> SyntheticScenes (cfg: seed, synthetic_size, synthetic_train / synthetic_val); else a list
-    file -> ListSource (cfg['num_classes'] required)."""
-    if data == "synthetic":
-        from .synthetic import SyntheticScenes
-
-        n = cfg["synthetic_train"] if split == "train" else cfg["synthetic_val"]
-        return SyntheticScenes(n, cfg["synthetic_size"], cfg["seed"], split)
-    if cfg.get("num_classes") is None:
-        raise ValueError("--num-classes is required with a list file")
-    return ListSource(read_list(data, data_root, need_labels), cfg["num_classes"], data_root)
 
 
 def param_groups(model: nn.Module, base_lr: float, head_mult: float = 10.0) -> list[dict]:
@@ -196,8 +182,6 @@ def _dist_env() -> tuple[int, int, int]:
 def train(cfg: dict, log=print) -> dict:
     """Trains per cfg (the parsed arguments as a dict). Returns {'miou': ..., 'summary': ..., 'epochs': ...,
     'seconds': ...} of the last validation (miou None without validation data)."""
-    from .evaluate import evaluate, format_table
-
     rank, world, local_rank = _dist_env()
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
@@ -233,16 +217,12 @@ def train(cfg: dict, log=print) -> dict:
         torch.manual_seed(cfg["seed"])
         model = build_model(cfg["layers"], k, cfg["width"], cfg["use_ppm"], cfg["fused"], cfg["dropout"])
         if cfg.get("backbone_weights"):
-            from .models import load_backbone_weights
-
             load_backbone_weights(model, cfg["backbone_weights"])
         model.to(device)
         optimizer = torch.optim.SGD(param_groups(model, cfg["base_lr"]), lr=cfg["base_lr"], momentum=cfg["momentum"],
                                     weight_decay=cfg["weight_decay"])
         start_epoch = 0
         if cfg.get("resume"):
-            from .models import load_checkpoint
-
             ckpt = torch.load(cfg["resume"], map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or not {"epoch", "state_dict", "optimizer"} <= set(ckpt):
                 raise ValueError(f"--resume {cfg['resume']}: expected {{'epoch', 'state_dict', 'optimizer'}}")

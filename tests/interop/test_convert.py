@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pspnet_fast import cli
-from pspnet_fast.convert import ConversionError, convert_state_dict
+from pspnet_fast.interop.convert import ConversionError, convert_state_dict
 from pspnet_fast.models import PSPNet, load_checkpoint
 
 from . import lookalikes as la

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pspnet_fast.evaluate import Metrics, format_table, intersection_union, predict_image, sliding_window
+from pspnet_fast.training.evaluate import Metrics, format_table, intersection_union, predict_image, sliding_window
 
 
 def test_metrics_on_hand_made_predictions():
@@ -68,7 +68,7 @@ def test_sliding_window_matches_whole_image_for_pointwise_model(hw):
 
 def test_save_colorized(tmp_path):
     Image = pytest.importorskip("PIL.Image")
-    from pspnet_fast.data import save_colorized
+    from pspnet_fast.training.data import save_colorized
 
     pal = np.array([[10, 20, 30], [40, 50, 60]], np.uint8)
     save_colorized(np.array([[0, 1], [1, 0]]), pal, tmp_path / "sub" / "p.png")

@@ -6,11 +6,11 @@ import torch
 import pspnet_fast
 from pspnet_fast import ops
 from pspnet_fast import reference as R
-from pspnet_fast.head import PSPHead
+from pspnet_fast.nn.head import PSPHead
 from pspnet_fast.reference import PSPHead as RefHead
 
-from .test_fused_ppm import _backends, _device, _layout, _skip_unavailable
-from .utils import randomize_bn
+from ..utils import _backends, _device, _layout, _skip_unavailable
+from ..utils import randomize_bn
 
 BINS = [(1, 2, 3, 6), (1, 3, 6, 8), (2,)]
 SIZES = [(1, 1), (2, 2), (3, 3), (13, 13), (40, 40), (2, 5), (5, 9), (13, 3)]

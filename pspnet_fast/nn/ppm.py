@@ -6,9 +6,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import _order, ops
-from ._checks import check_feature_map, check_same_device
-from .reference import PyramidPooling as _RefPyramidPooling
+from .. import ops
+from ..ops import order as _order
+from .._checks import check_feature_map, check_same_device
+from ..reference import PyramidPooling as _RefPyramidPooling
 
 __all__ = ["PyramidPooling"]
 

@@ -1,0 +1,1 @@
+"""Tests of pspnet_fast.nn."""
