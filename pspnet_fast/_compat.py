@@ -13,7 +13,7 @@ ALIASES = {
     "pspnet_fast._order": "pspnet_fast.ops.order",
     "pspnet_fast.modules": "pspnet_fast.nn.ppm",
     "pspnet_fast.head": "pspnet_fast.nn.head",
-    "pspnet_fast.patching": "pspnet_fast.interop.patch",
+    "pspnet_fast.patching": "pspnet_fast.interop.patching",
     "pspnet_fast.convert": "pspnet_fast.interop.convert",
     "pspnet_fast.data": "pspnet_fast.training.data",
     "pspnet_fast.synthetic": "pspnet_fast.training.synthetic",

@@ -10,7 +10,7 @@ from torch import nn
 
 import pspnet_fast
 from pspnet_fast import ops
-from pspnet_fast.interop.patch import PatchedPyramidPooling
+from pspnet_fast.interop.patching import PatchedPyramidPooling
 from pspnet_fast.ops.backends import _why_not_machine
 
 from . import lookalikes as la
@@ -201,7 +201,7 @@ class _Leaky(la.AuthorsPPM):
 
 def test_skipped_reported_and_style_override(caplog):
     model = nn.ModuleDict({"a": _Stages(), "b": _Leaky()})
-    with caplog.at_level(logging.INFO, logger="pspnet_fast.interop.patch"):
+    with caplog.at_level(logging.INFO, logger="pspnet_fast.interop.patching"):
         names = pspnet_fast.patch(copy.deepcopy(model))
     assert names == []
     skipped = dict(names.skipped)

@@ -387,7 +387,7 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> Patch
     modules' backend ("auto", "cpu", "cuda", "triton", "reference").
 
     Returns a PatchResult: the list of qualified names replaced, with `.skipped` = [(name, reason)] for the modules
-    that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.interop.patch" logger). The root
+    that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.interop.patching" logger). The root
     module itself is never replaced (it has no parent to be replaced in): use PatchedPyramidPooling or
     pspnet_fast.PyramidPooling.from_reference for a bare PPM."""
     if style not in STYLES:
