@@ -130,6 +130,11 @@ class PyramidPooling(_RefPyramidPooling):
         if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
             return _FusedPPMFunction.apply(x, self, kernels, *params)
         # Inference, and traced graphs (torch.compile differentiates the ops' registered autograd formulas).
+        if not (torch.is_grad_enabled() and (x.requires_grad or params)):
+            # Nothing to differentiate: with every BatchNorm folded, one op that reads x once (ppm_forward).
+            weight, folded = self._reduce_params(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            if folded is not None:
+                return ops.ppm_forward(kernels, x, weight, folded[0], folded[1], self.bins, True, self.align_corners)
         pooled = kernels.pyramid_pool(x, self.bins)  # (N, C, S), float32 (float64 for float64 x)
         return kernels.upsample_concat(x, self._levels(kernels, pooled), self.bins, self.align_corners)
 
