@@ -120,7 +120,7 @@ def _check_op_affine(op: str, scale, shift, shape: list, dtype: torch.dtype, ref
     want = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     for name, t in (("scale", scale), ("shift", shift)):
         if [int(s) for s in t.shape] != list(shape):
-            raise ValueError(f"pspnet_fast.{op}: {name} must have shape {want}, got {_shape(t)}")
+            raise ValueError(f"pspnet_fast.{op}: {name} must be of shape {want}, got {_shape(t)}")
         if t.dtype != dtype:
             raise TypeError(f"pspnet_fast.{op}: {name} must be {dtype}, got {t.dtype}")
         _check_op_device(op, t, name, ref, ref_name)
