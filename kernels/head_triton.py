@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
 from .ppm_triton import MAX_LEVELS, _bins_meta, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
 
 __all__ = ["head_epilogue", "head_context_backward"]
@@ -340,6 +341,7 @@ def _check_map(t: torch.Tensor, name: str, op: str):
 def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], align_corners: bool,
                           scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     op = "head_epilogue"
+    _checks.check_head_epilogue(z, q, bins, align_corners, scale, shift, relu)
     bins = _check_head_bins(bins, op)
     _check_map(z, "z", op)
     N, O, H, W = z.shape
@@ -403,6 +405,7 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
 @_register("pspnet_fast::triton_head_context_backward")
 def _triton_head_context_backward(grad: torch.Tensor, bins: List[int], align_corners: bool) -> torch.Tensor:
     op = "head_context_backward"
+    _checks.check_head_context_backward(grad, bins, align_corners)
     bins = _check_head_bins(bins, op)
     _check_map(grad, "grad", op)
     N, O, H, W = grad.shape

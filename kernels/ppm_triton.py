@@ -36,6 +36,8 @@ from torch.library import triton_op
 from torch.library import wrap_triton as _torch_wrap_triton
 from triton.runtime.jit import JITFunction
 
+from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
+
 __all__ = [
     "MAX_LEVELS",
     "pyramid_pool",
@@ -664,6 +666,7 @@ def _suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 @_register("pspnet_fast::triton_pyramid_pool")
 def _triton_pyramid_pool(x: torch.Tensor, bins: List[int]) -> torch.Tensor:
+    _checks.check_pyramid_pool(x, bins)
     bins = _check_bins(bins, "pyramid_pool")
     if x.dim() != 4:
         raise ValueError(f"pyramid_pool: x must be (N, C, H, W), got shape {tuple(x.shape)}")
@@ -699,6 +702,7 @@ def _triton_pyramid_pool(x: torch.Tensor, bins: List[int]) -> torch.Tensor:
 @_register("pspnet_fast::triton_ppm_reduce")
 def _triton_ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
                        shift: Optional[torch.Tensor], bins: List[int], relu: bool) -> torch.Tensor:
+    _checks.check_ppm_reduce(pooled, weight, scale, shift, bins, relu)
     bins = _check_bins(bins, "ppm_reduce")
     L = len(bins)
     S = sum(b * b for b in bins)
@@ -753,6 +757,7 @@ def _triton_ppm_reduce(pooled: torch.Tensor, weight: torch.Tensor, scale: Option
 @_register("pspnet_fast::triton_upsample_concat")
 def _triton_upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: List[int],
                             align_corners: bool, x_last: bool = False) -> torch.Tensor:
+    _checks.check_upsample_concat(x, levels, bins, align_corners, x_last)
     bins = _check_bins(bins, "upsample_concat")
     L = len(bins)
     S = sum(b * b for b in bins)
@@ -795,6 +800,7 @@ def _triton_upsample_concat(x: torch.Tensor, levels: torch.Tensor, bins: List[in
 @_register("pspnet_fast::triton_upsample_concat_backward")
 def _triton_upsample_concat_backward(grad_out: torch.Tensor, in_channels: int, bins: List[int],
                                      align_corners: bool) -> torch.Tensor:
+    _checks.check_upsample_concat_backward(grad_out, in_channels, bins, align_corners)
     bins = _check_bins(bins, "upsample_concat_backward")
     L = len(bins)
     S = sum(b * b for b in bins)
@@ -837,6 +843,7 @@ def _triton_upsample_concat_backward(grad_out: torch.Tensor, in_channels: int, b
 
 @_register("pspnet_fast::triton_pyramid_pool_backward")
 def _triton_pyramid_pool_backward(grad_pooled: torch.Tensor, grad_out: torch.Tensor, bins: List[int]) -> torch.Tensor:
+    _checks.check_pyramid_pool_backward(grad_pooled, grad_out, bins)
     bins = _check_bins(bins, "pyramid_pool_backward")
     S = sum(b * b for b in bins)
     if grad_out.dim() != 4:

@@ -42,7 +42,25 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Runs one subcommand. Expected errors (missing or bad files, bad arguments: ValueError, OSError) end in one
+    `pspnet-fast CMD: error: ...` line on stderr and exit status 2, as argparse's own errors do; `--debug` anywhere
+    in the arguments shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    cmd = argv[0] if argv else ""
+    if cmd != "convert":  # convert has its own --debug
+        argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line
+        print(f"pspnet-fast{' ' + cmd if cmd else ''}: error: {text or type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def _run(argv) -> int:
     if argv and argv[0] == "bench":
         # The suite owns its arguments (`pspnet-fast bench --help` lists them).
         return suite.main(argv[1:], prog="pspnet-fast bench")

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "op_checks.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -188,6 +189,7 @@ void head_context_backward_kernel(const Tensor& g, at::IntArrayRef bins, bool al
 
 Tensor head_epilogue_cpu(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef bins, bool align_corners,
                          const c10::optional<Tensor>& scale_in, const c10::optional<Tensor>& shift_in, bool relu) {
+  checks::head_epilogue(z_in, q_in, bins, scale_in, shift_in);
   check_map(z_in, "z", "O");
   check_bins(bins);
   const int64_t N = z_in.size(0), O = z_in.size(1), S = total_bins(bins);
@@ -227,6 +229,7 @@ Tensor head_epilogue_cpu(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef
 }
 
 Tensor head_context_backward_cpu(const Tensor& grad_in, at::IntArrayRef bins, bool align_corners) {
+  checks::head_context_backward(grad_in, bins);
   check_map(grad_in, "grad", "O");
   check_bins(bins);
   const Tensor g = grad_in.contiguous();

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "op_checks.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -228,6 +229,7 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
 }
 
 Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
+  checks::pyramid_pool(x_in, bins);
   check_map(x_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(x_in.device().is_cpu(), "pspnet_fast: pyramid_pool_cpu expects a CPU tensor, got ", x_in.device());
@@ -364,6 +366,7 @@ Tensor mm_no_autocast(const Tensor& a, const Tensor& b) {
 // platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
 Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
                       const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
+  checks::ppm_reduce(pooled, weight, scale, shift, bins);
   check_bins(bins);
   TORCH_CHECK(pooled.dim() == 3, "pspnet_fast: expected pooled of shape (N, C, S), got ", pooled.sizes());
   TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
@@ -535,6 +538,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
 
 Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
                            bool x_last) {
+  checks::upsample_concat(x_in, levels_in, bins);
   check_map(x_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(levels_in.dim() == 3 && levels_in.size(0) == x_in.size(0) && levels_in.size(2) == total_bins(bins),
@@ -634,6 +638,7 @@ void upsample_adjoint_plane(const scalar_t* g, int64_t H, int64_t W, int64_t b, 
 
 Tensor upsample_concat_backward_cpu(const Tensor& grad_in, int64_t C, at::IntArrayRef bins, bool align_corners,
                                     bool x_last) {
+  checks::upsample_concat_backward(grad_in, C, bins);
   check_map(grad_in, "x", "C");
   check_bins(bins);
   const int64_t L = bins.size(), CO = grad_in.size(1);
@@ -734,6 +739,7 @@ BinRuns make_bin_runs(int64_t b, int64_t n) {
 // grad_x = grad_out[:, :C] + sum_l pool_l^T grad_pooled_l, gathered per output element.
 Tensor pyramid_pool_backward_cpu(const Tensor& grad_pooled_in, const Tensor& grad_in, at::IntArrayRef bins,
                                  int64_t x_offset) {
+  checks::pyramid_pool_backward(grad_pooled_in, grad_in, bins, x_offset);
   check_map(grad_in, "x", "C");
   check_bins(bins);
   TORCH_CHECK(grad_pooled_in.dim() == 3 && grad_pooled_in.size(0) == grad_in.size(0) &&

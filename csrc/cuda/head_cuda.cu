@@ -40,6 +40,7 @@
 #include <optional>
 #include <vector>
 
+#include "op_checks.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -601,6 +602,7 @@ void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, cons
 
 Tensor head_epilogue_cuda(const Tensor& z_in, const Tensor& q_in, at::IntArrayRef bins, bool align_corners,
                           const std::optional<Tensor>& scale, const std::optional<Tensor>& shift, bool relu) {
+  checks::head_epilogue(z_in, q_in, bins, scale, shift);
   const char* op = "head_epilogue";
   check_map(op, z_in, "z");
   const HeadLevels lv = make_head_levels(op, bins);
@@ -925,6 +927,7 @@ void launch_backward(const Tensor& g, Tensor& out, HeadParams& p, bool cl) {
 }
 
 Tensor head_context_backward_cuda(const Tensor& grad_in, at::IntArrayRef bins, bool align_corners) {
+  checks::head_context_backward(grad_in, bins);
   const char* op = "head_context_backward";
   check_map(op, grad_in, "grad");
   const HeadLevels lv = make_head_levels(op, bins);

@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "op_checks.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -614,6 +615,7 @@ void launch_pool_cl(const Tensor& x, Tensor& out, PoolParams& p, const std::vect
 }
 
 Tensor pyramid_pool_cuda(const Tensor& x_in, at::IntArrayRef bins) {
+  checks::pyramid_pool(x_in, bins);
   check_x("pyramid_pool", x_in);
   const LevelTable lv = make_levels("pyramid_pool", bins);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -795,6 +797,7 @@ __global__ void __launch_bounds__(kRedThreads)
 
 Tensor ppm_reduce_cuda(const Tensor& pooled_in, const Tensor& weight_in, const std::optional<Tensor>& scale,
                        const std::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
+  checks::ppm_reduce(pooled_in, weight_in, scale, shift, bins);
   const char* op = "ppm_reduce";
   TORCH_CHECK(pooled_in.is_cuda(), op, ": expected pooled on a CUDA device, got ", pooled_in.device());
   check_cuda(op, "weight", weight_in, pooled_in);
@@ -1059,6 +1062,7 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
 
 Tensor upsample_concat_cuda(const Tensor& x_in, const Tensor& levels_in, at::IntArrayRef bins, bool align_corners,
                             bool x_last) {
+  checks::upsample_concat(x_in, levels_in, bins);
   const char* op = "upsample_concat";
   check_x(op, x_in);
   check_cuda(op, "levels", levels_in, x_in);
@@ -1449,6 +1453,7 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
 
 Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
                                      bool align_corners, bool x_last) {
+  checks::upsample_concat_backward(grad_in, in_channels, bins);
   const char* op = "upsample_concat_backward";
   TORCH_CHECK(!x_last, op, ": x_last=True is not implemented in the CUDA kernels",
               " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
@@ -1832,6 +1837,7 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
 
 Tensor pyramid_pool_backward_cuda(const Tensor& grad_pooled_in, const Tensor& grad_out_in, at::IntArrayRef bins,
                                   int64_t x_offset) {
+  checks::pyramid_pool_backward(grad_pooled_in, grad_out_in, bins, x_offset);
   const char* op = "pyramid_pool_backward";
   TORCH_CHECK(x_offset == 0, op, ": x_offset != 0 is not implemented in the CUDA kernels",
               " (pspnet_fast/_order.py handles that layout for CUDA tensors)");

@@ -28,6 +28,7 @@ DST holds {"state_dict": ..., "pspnet_fast": {"from", "layers", "num_classes", "
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -108,11 +109,21 @@ def _mmseg(sd: dict, head_only: bool, no_contract_dilation: bool) -> dict:
     return out
 
 
+def _check_tensors(sd) -> None:
+    """ValueError unless sd maps str keys to tensors (names the first bad entry)."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"expected a state_dict (a dict of tensors), got a {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"not a state_dict of tensors: key {k!r} holds a {type(v).__name__}")
+
+
 def convert_state_dict(sd: dict, source: str, head_only: bool = False, no_contract_dilation: bool = False) -> dict:
     """A state_dict in `source`'s layout ("authors" or "mmseg") -> pspnet_fast.models.PSPNet's keys.
     Raises ConversionError (a ValueError) on anything it cannot map."""
     if source not in ("authors", "mmseg"):
         raise ValueError(f"source must be 'authors' or 'mmseg', got {source!r}")
+    _check_tensors(sd)
     sd = _strip(sd, "module.")
     if source == "authors":
         known = re.compile(r"(layer[0-4]|ppm\.features\.\d+|cls|aux)\.")
@@ -124,7 +135,9 @@ def convert_state_dict(sd: dict, source: str, head_only: bool = False, no_contra
 
 
 def describe(sd: dict, source: str) -> dict:
-    """What PSPNet(...) the converted state_dict needs, as far as the keys tell."""
+    """What PSPNet(...) the converted state_dict needs, as far as the keys tell. sd: str keys to tensors (else
+    ValueError naming the first bad entry)."""
+    _check_tensors(sd)
     blocks3 = {int(m.group(1)) for k in sd if (m := re.match(r"layer3\.(\d+)\.", k))}
     levels = len({int(m.group(1)) for k in sd if (m := re.match(r"ppm\.features\.(\d+)\.", k))})
     meta = {"from": source, "levels": levels, "align_corners": source != "mmseg"}
@@ -136,6 +149,15 @@ def describe(sd: dict, source: str) -> dict:
     return meta
 
 
+def _check_destination(dst: str) -> None:
+    """OSError naming dst when it cannot be written as a file (a folder, or in a folder that does not exist)."""
+    if os.path.isdir(dst):
+        raise IsADirectoryError(f"destination {dst} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"destination folder {parent} does not exist")
+
+
 def main(argv=None, prog: str = "pspnet-fast convert") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Rewrite a PSPNet checkpoint's keys to pspnet_fast's PSPNet "
                                 "layout (mapping documented in pspnet_fast/interop/convert.py and README.md).")
@@ -145,14 +167,18 @@ def main(argv=None, prog: str = "pspnet-fast convert") -> int:
     p.add_argument("--head-only", action="store_true", help="mmseg: convert the PPM and heads, drop the backbone")
     p.add_argument("--no-contract-dilation", action="store_true",
                    help="mmseg: assert the ResNet backbone was built with contract_dilation=False, style='pytorch'")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
         sd = convert_state_dict(_read_state_dict(args.src), args.source, args.head_only, args.no_contract_dilation)
-    except (ConversionError, FileNotFoundError) as e:
+        meta = describe(sd, args.source)
+        _check_destination(args.dst)
+        torch.save({"state_dict": sd, "pspnet_fast": meta}, args.dst)
+    except (ValueError, OSError) as e:  # ConversionError is a ValueError
+        if args.debug:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    meta = describe(sd, args.source)
-    torch.save({"state_dict": sd, "pspnet_fast": meta}, args.dst)
     args_txt = ", ".join(f"{k}={meta[k]!r}" for k in ("layers", "num_classes", "deep_base", "align_corners")
                          if k in meta)
     print(f"wrote {len(sd)} tensors to {args.dst}; load with "

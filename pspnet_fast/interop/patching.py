@@ -377,14 +377,72 @@ def _try(m: nn.Module, style: str, backend: str):
         return None, str(e)
 
 
-def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> PatchResult:
+_VERIFY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _verify(original: nn.Module, replacement: nn.Module, size: int = 7, batch: int = 2) -> str | None:
+    """None when `replacement` computes what `original` does on one small random input, else the reason (a mismatch,
+    or an input the check could not build or run). The input: (batch, C, size, size) from the original's C, in its
+    parameters' dtype and device (size 7: no bin of (1, 2, 3, 6) divides it); a list of it for a head with `in_index`.
+    Both run in eval under no_grad (no BatchNorm statistics move); every module's train/eval mode and the RNG state
+    are restored afterwards."""
+    param = next(iter(original.parameters()), None)
+    channels = getattr(replacement, "in_channels", None)
+    if param is None or not isinstance(channels, int):
+        return "verify: cannot build a test input (no parameters or no int in_channels)"
+    modes = [(m, m.training) for m in (*original.modules(), *replacement.modules())]
+    devices = [param.device] if param.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(0)
+            x = torch.randn(batch, channels, size, size, dtype=param.dtype, device=param.device)
+            inputs = x
+            if hasattr(original, "_transform_inputs"):  # an mmsegmentation head: a list of feature maps
+                idx = getattr(original, "in_index", -1)
+                if not isinstance(idx, int):
+                    return f"verify: cannot build a test input for in_index={idx!r}"
+                inputs = [x] * (idx + 1 if idx >= 0 else 1)
+            original.eval()
+            replacement.eval()
+            try:
+                want = original(inputs)
+            except Exception as e:
+                return f"verify: the original module fails on a {tuple(x.shape)} {x.dtype} input ({type(e).__name__}: {e})"
+            try:
+                got = replacement(inputs)
+            except Exception as e:
+                return f"verify: the fused module fails on a {tuple(x.shape)} {x.dtype} input ({type(e).__name__}: {e})"
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    want = list(want) if isinstance(want, (list, tuple)) else [want]
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    if len(want) != len(got):
+        return f"verify: the fused module returns {len(got)} tensors, the original {len(want)}"
+    for w, g in zip(want, got):
+        if not isinstance(w, torch.Tensor) or not isinstance(g, torch.Tensor) or w.shape != g.shape:
+            return (f"verify: the fused module's output {tuple(getattr(g, 'shape', ()))} differs from the original's "
+                    f"{tuple(getattr(w, 'shape', ()))} in shape")
+        tol = _VERIFY_TOL.get(w.dtype, 1e-4) * max(1.0, float(w.abs().max()) if w.numel() else 1.0)
+        diff = float((w.double() - g.double()).abs().max()) if w.numel() else 0.0
+        if not diff <= tol:  # NaN-safe
+            return (f"verify: on a random {tuple(x.shape)} input in eval the fused module differs from the original "
+                    f"by {diff:.3g} (tolerance {tol:.3g}); e.g. the original's forward may hard-code align_corners "
+                    f"or another convention the module's attributes do not show")
+    return None
+
+
+def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: bool = True) -> PatchResult:
     """Replaces, in place, every pyramid pooling module (or mmsegmentation PSPHead) of `model` that it recognizes by
     a fused equivalent carrying the same parameters and buffers under the same state_dict keys.
 
     style: "auto" reads the convention off the module ("features" list: the authors', x first; "blocks" of PSPBlocks:
     segmentation_models_pytorch, x last; a head with psp_modules/bottleneck/conv_seg: mmsegmentation); "authors",
     "mmseg" or "smp" assume that convention for any module holding one list of pooling branches. backend: the fused
-    modules' backend ("auto", "cpu", "cuda", "triton", "reference").
+    modules' backend ("auto", "cpu", "cuda", "triton", "reference"). verify (default True): each replacement is run
+    once on a small random input in eval, in the module's dtype and device, against the module it replaces (modes and
+    RNG state restored, no BatchNorm statistics updated); a mismatch leaves that module in place, with the reason in
+    `.skipped`.
 
     Returns a PatchResult: the list of qualified names replaced, with `.skipped` = [(name, reason)] for the modules
     that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.interop.patching" logger). The root
@@ -410,6 +468,9 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto") -> Patch
             q = f"{prefix}{name}"
             type_of[q] = type(child).__name__
             new, why = _try(child, style, backend)
+            if new is not None and verify:
+                why = _verify(child, new)
+                new = None if why is not None else new
             if new is not None:
                 parent._modules[name] = new
                 result.append(q)

@@ -120,14 +120,46 @@ class PSPNet(nn.Module):
         return out.max(1)[1], main_loss, aux_loss
 
 
-def _read_state_dict(path) -> dict:
+class CheckpointMismatchError(RuntimeError, ValueError):
+    """A checkpoint whose keys or shapes do not match the model (a RuntimeError, as load_state_dict raises, and a
+    ValueError: an expected error of the command line)."""
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on CPU, with errors that name the file: OSError (missing, a folder,
+    unreadable) or ValueError (empty, not a torch checkpoint of tensors)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!s} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!s} is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!s} is empty (0 bytes)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise OSError(f"checkpoint {path!s} cannot be read: {e}") from e
+    except Exception as e:  # pickle, zip and weights-only errors all mean "not a checkpoint of tensors"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path!s} is not a torch checkpoint of tensors (torch.load with weights_only=True failed: "
+                         f"{type(e).__name__}: {first})") from e
+    return obj
+
+
+def _read_state_dict(path) -> dict:
+    """The state_dict in file `path` (a state_dict, or {'state_dict': ...} with other entries): a mapping of str keys to
+    tensors. Raises OSError (missing, a folder, unreadable) or ValueError (empty, not a torch checkpoint, not a
+    mapping of tensors), each naming the file and what it holds."""
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(f"{path!s} holds neither a state_dict nor {{'state_dict': ...}}")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!s} holds a {type(obj).__name__}, neither a state_dict nor {{'state_dict': ...}}")
+    if not all(isinstance(k, str) for k in obj):
+        bad = next(k for k in obj if not isinstance(k, str))
+        raise ValueError(f"{path!s} holds a dict with a {type(bad).__name__} key {bad!r}, not a state_dict (str keys)")
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path!s} is not a state_dict of tensors: key {k!r} holds a {type(v).__name__}")
     return obj
 
 
@@ -149,7 +181,7 @@ def _load_strict(module: nn.Module, sd: dict, what: str) -> None:
                          + (" ..." if len(unexpected) > 20 else ""))
         for k in bad_shape[:20]:
             lines.append(f"  shape of {k}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}")
-        raise RuntimeError("\n".join(lines))
+        raise CheckpointMismatchError("\n".join(lines))
     module.load_state_dict(sd, strict=True)
 
 
@@ -157,7 +189,9 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
     """Loads a checkpoint saved by the authors' code (or this project) into `model`, strictly.
 
     The file may hold a state_dict or {'state_dict': ...} (with 'epoch', 'optimizer', ...); a `module.` prefix
-    (DistributedDataParallel) is stripped. Missing, unexpected or mis-shaped keys raise RuntimeError naming them."""
+    (DistributedDataParallel) is stripped. Missing, unexpected or mis-shaped keys raise RuntimeError naming them; a
+    file that is missing or unreadable raises OSError, one that is empty, not a torch checkpoint or not a mapping of
+    str keys to tensors ValueError, each naming the file and what it holds."""
     sd = _strip_module(_read_state_dict(path))
     _load_strict(model, sd, f"checkpoint {path!s}")
     return model

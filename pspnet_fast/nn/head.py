@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_feature_map, check_same_device
-from .ppm import PyramidPooling, _folded_bn
+from .ppm import PyramidPooling, _folded_bn, double_backward_error, fallback_reason, warn_fallback
 from ..reference import PSPHead as _RefPSPHead
 
 __all__ = ["PSPHead", "psp_head_forward"]
@@ -92,6 +92,10 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
     name = ops.choose_backend(x, backend)
     if name == "reference":
         return cls(ppm(x))
+    why = fallback_reason(ppm, x, include_self=True) or fallback_reason(cls, x, include_self=True)
+    if why is not None:
+        warn_fallback("PSPHead", why)
+        return cls(ppm(x))
     ops.ensure_registered(name)
     kernels = ops.op_set(name)
     if kernels.head_epilogue is None:
@@ -155,8 +159,9 @@ class _FusedHeadFunction(torch.autograd.Function):
         return v
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' adjoints are not differentiable
+            raise double_backward_error("PSPHead")
         x_c, weight = ctx.saved_tensors
         ppm, kernels, levels = ctx.ppm, ctx.kernels, ctx.levels
         C, R = ppm.in_channels, ppm.reduction_channels

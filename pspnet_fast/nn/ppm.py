@@ -1,17 +1,73 @@
 """Drop-in modules: the reference's constructor, submodules and state_dict keys, the fused kernels underneath."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.nn.modules import module as _nn_module
+from torch.nn.utils import parametrize, prune
 
 from .. import ops
 from ..ops import order as _order
 from .._checks import check_feature_map, check_same_device
 from ..reference import PyramidPooling as _RefPyramidPooling
 
-__all__ = ["PyramidPooling"]
+__all__ = ["PyramidPooling", "fallback_reason"]
+
+_warned: set[str] = set()
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = False) -> str | None:
+    """Why the fused path cannot honour this call of `module` (whose forward would skip its submodules' forward),
+    or None: forward hooks on its submodules (or global module hooks), pruning, parametrizations, forward-mode AD,
+    torch.func transforms, torch.jit.trace. include_self: `module`'s own hooks count too (its forward is skipped).
+    The caller then runs the reference computation (see README, "What the fused path honours")."""
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
+        return "global module hooks (torch.nn.modules.module.register_module_forward_hook and the like)"
+    for name, m in module.named_modules():
+        if m is module and not include_self:
+            continue
+        name = name or type(module).__name__
+        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return f"pruning (torch.nn.utils.prune) of submodule {name!r}"
+        if _has_hooks(m):
+            return f"hooks on submodule {name!r}"
+        if parametrize.is_parametrized(m):
+            return f"parametrizations (torch.nn.utils.parametrize) of submodule {name!r}"
+    if torch.compiler.is_compiling():
+        return None  # torch.compile traces the ops (fake kernels, registered autograd)
+    if torch.jit.is_tracing():
+        return "torch.jit.trace (the fused path's cached, folded weights would become constants of the trace)"
+    if torch._C._functorch.maybe_current_level() is not None:
+        return "a torch.func transform (vmap, grad, jvp, jacrev, ...)"
+    if forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in (x, *module.parameters(), *module.buffers())):
+        return "forward-mode AD (torch.autograd.forward_ad dual tensors)"
+    return None
+
+
+def warn_fallback(owner: str, reason: str) -> None:
+    """One RuntimeWarning per (module class, reason kind) and process."""
+    kind = (owner, reason.split(" of submodule")[0].split(" on submodule")[0])
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"pspnet_fast.{owner}: {reason}: the fused path cannot honour this, so this call runs the "
+                      f"reference computation (same result, slower; build with backend=\"reference\" to say so and "
+                      f"silence this warning)", RuntimeWarning, stacklevel=4)
+
+
+def double_backward_error(owner: str) -> RuntimeError:
+    return RuntimeError(f"pspnet_fast.{owner}: double backward (a backward with create_graph=True through the fused "
+                        f"module) is not supported by the fused path; build the module with backend=\"reference\" "
+                        f"for higher-order gradients")
 
 
 def _folded_bn(bn: nn.Module, dtype: torch.dtype):
@@ -68,6 +124,13 @@ class PyramidPooling(_RefPyramidPooling):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
+    def __getstate__(self):
+        # The inference cache is derived data: never pickled, deep-copied or saved with torch.save(module).
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_reduce_cache", None)
+        return state
+
     def clear_cache(self) -> None:
         """Forget the cached inference weights (needed only after edits through `.data`, which autograd's version
         counters do not see)."""
@@ -84,8 +147,12 @@ class PyramidPooling(_RefPyramidPooling):
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         if cacheable:
-            key = (dtype, torch.is_inference_mode_enabled(), tuple(f[2].training for f in self.features),
-                   tuple((t.data_ptr(), t._version) for t in tensors))
+            # Everything the folded weights depend on: the tensors (identity, storage, version, dtype, device), each
+            # BatchNorm's kind, eps, affine parameters and running statistics (present or not) and mode.
+            key = (dtype, torch.is_inference_mode_enabled(),
+                   tuple((type(f[2]), f[2].training, getattr(f[2], "eps", None), getattr(f[2], "weight", None) is None,
+                          getattr(f[2], "running_mean", None) is None) for f in self.features),
+                   tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
             cached = self.__dict__.get("_reduce_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -124,6 +191,10 @@ class PyramidPooling(_RefPyramidPooling):
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
             return super().forward(x)
+        why = fallback_reason(self, x)
+        if why is not None:
+            warn_fallback(type(self).__name__, why)
+            return super().forward(x)
         ops.ensure_registered(backend)
         kernels = ops.op_set(backend)
         params = [p for p in self.parameters() if p.requires_grad]
@@ -159,8 +230,9 @@ class _FusedPPMFunction(torch.autograd.Function):
                                       getattr(module, "x_last", False))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' adjoints are not differentiable
+            raise double_backward_error(type(ctx.module).__name__)
         m, kernels, params = ctx.module, ctx.kernels, list(ctx.params)
         x_last = getattr(m, "x_last", False)  # [levels..., x] (pspnet_fast.patch, segmentation_models_pytorch)
         grad_levels = _order.upsample_concat_backward(kernels, grad_out, m.in_channels, m.bins, m.align_corners,

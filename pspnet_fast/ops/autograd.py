@@ -52,7 +52,7 @@ def _reduce_backward(ctx, grad):
     for l, (b, off) in enumerate(zip(ctx.bins, _offsets(ctx.bins))):
         s = b * b
         p = pooled[:, :, off:off + s].permute(1, 0, 2).reshape(c, n * s)  # (C, N*s)
-        g = grad[:, :, off:off + s].permute(1, 0, 2).reshape(-1, n * s)  # (R, N*s)
+        g = grad[:, :, off:off + s].permute(1, 0, 2).reshape(grad.shape[1], n * s)  # (R, N*s); N may be 0
         if ctx.has_scale:
             y = torch.matmul(weight[l], p)  # (R, N*s), before the affine epilogue
             g_scale.append((g * y).sum(1))

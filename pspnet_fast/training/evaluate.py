@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .._checks import positive_float_arg, positive_int_arg
 from ..models import load_checkpoint
+from ..models.pspnet import read_checkpoint
 from .builders import build_model, make_source
 from .data import IGNORE_INDEX, SegDataset, read_colors, read_names
 from .data import save_colorized as _save_colorized
@@ -139,28 +141,28 @@ def build_parser(prog="pspnet-fast eval") -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic' or an authors'-format list file "
                                                        "(\"image label\" per line)")
     p.add_argument("--data-root", default=None, help="root the list's paths are relative to (default: its folder)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the checkpoint's, else "
+    p.add_argument("--num-classes", type=positive_int_arg, default=None, help="classes (default: the checkpoint's, else "
                                                                  "required for list data)")
-    p.add_argument("--layers", type=int, default=None, help="backbone depth (default: the checkpoint's)")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("--layers", type=positive_int_arg, default=None, help="backbone depth (default: the checkpoint's)")
+    p.add_argument("--width", type=positive_int_arg, default=None,
                    help="backbone width for layers 18/34 (default: the checkpoint's)")
     p.add_argument("--no-ppm", dest="use_ppm", action="store_false", default=None,
                    help="the model has no pyramid (default: the checkpoint's)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="fused PPM kernels (default) or the pure-PyTorch reference")
-    p.add_argument("--crop", type=int, nargs="+", default=None, help="sliding-window crop H [W] (default: the "
+    p.add_argument("--crop", type=positive_int_arg, nargs="+", default=None, help="sliding-window crop H [W] (default: the "
                                                                      "training crop, else 473)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+    p.add_argument("--scales", type=positive_float_arg, nargs="+", default=[1.0],
                    help="multi-scale: e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default 1.0)")
-    p.add_argument("--base-size", type=int, default=None, help="long side at scale 1 (default: each image's own)")
+    p.add_argument("--base-size", type=positive_int_arg, default=None, help="long side at scale 1 (default: each image's own)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal-flip averaging")
     p.add_argument("--names", default=None, help="class names file, one per line (the authors' *_names.txt)")
     p.add_argument("--colors", default=None, help="palette file, 'R G B' per line (the authors' *_colors.txt); "
                                                   "default: the synthetic set's or the VOC colour map")
     p.add_argument("--save-dir", default=None, help="write colourized predictions (and image, ground truth) as PNG")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--synthetic-size", type=int, default=None, help="synthetic image size (default: the checkpoint's)")
-    p.add_argument("--synthetic-val", type=int, default=None, help="synthetic validation images (default: the "
+    p.add_argument("--limit", type=positive_int_arg, default=None, help="evaluate the first N images only")
+    p.add_argument("--synthetic-size", type=positive_int_arg, default=None, help="synthetic image size (default: the checkpoint's)")
+    p.add_argument("--synthetic-val", type=positive_int_arg, default=None, help="synthetic validation images (default: the "
                                                                    "checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="synthetic seed (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -169,9 +171,7 @@ def build_parser(prog="pspnet-fast eval") -> argparse.ArgumentParser:
 
 def main(argv=None, prog="pspnet-fast eval") -> int:
     args = build_parser(prog).parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(args.checkpoint)  # OSError / ValueError naming the file
     cfg = dict(ckpt.get("config", {})) if isinstance(ckpt, dict) else {}
     for key in ("layers", "width", "num_classes", "use_ppm", "seed"):
         if getattr(args, key) is not None:

@@ -25,7 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from .._checks import (nonnegative_float_arg, nonnegative_int_arg, positive_float_arg, positive_int_arg,
+                       probability_arg)
 from ..models import load_backbone_weights, load_checkpoint
+from ..models.pspnet import read_checkpoint
 from .builders import build_model, make_source
 from .data import IGNORE_INDEX, Augment, SegDataset
 from .evaluate import evaluate
@@ -223,7 +226,7 @@ def train(cfg: dict, log=print) -> dict:
                                     weight_decay=cfg["weight_decay"])
         start_epoch = 0
         if cfg.get("resume"):
-            ckpt = torch.load(cfg["resume"], map_location="cpu", weights_only=True)
+            ckpt = read_checkpoint(cfg["resume"])
             if not isinstance(ckpt, dict) or not {"epoch", "state_dict", "optimizer"} <= set(ckpt):
                 raise ValueError(f"--resume {cfg['resume']}: expected {{'epoch', 'state_dict', 'optimizer'}}")
             load_checkpoint(model, cfg["resume"])
@@ -321,36 +324,36 @@ def build_parser(prog="pspnet-fast train") -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic' (default) or an authors'-format list file")
     p.add_argument("--data-root", default=None, help="root the list's paths are relative to (default: its folder)")
     p.add_argument("--val-list", default=None, help="validation list (list data)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (list data)")
-    p.add_argument("--layers", type=int, default=None, help="ResNet depth: 18, 34 (BasicBlock) or 50, 101, 152")
-    p.add_argument("--width", type=int, default=None, help="ResNet-18/34 base width (64 = torchvision's)")
+    p.add_argument("--num-classes", type=positive_int_arg, default=None, help="classes (list data)")
+    p.add_argument("--layers", type=positive_int_arg, default=None, help="ResNet depth: 18, 34 (BasicBlock) or 50, 101, 152")
+    p.add_argument("--width", type=positive_int_arg, default=None, help="ResNet-18/34 base width (64 = torchvision's)")
     p.add_argument("--ppm", dest="use_ppm", action=argparse.BooleanOptionalAction, default=True,
                    help="the pyramid pooling module (--no-ppm: cls on the backbone's map, to measure the pyramid)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="fused PPM kernels (default) or the pure-PyTorch reference")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--crop", type=int, nargs="+", default=None, help="crop H [W]")
-    p.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
-    p.add_argument("--rotate", type=float, default=10.0, help="rotation range +-degrees")
-    p.add_argument("--batch-size", type=int, default=None, help="total over all processes")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--base-lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
-    p.add_argument("--aux-weight", type=float, default=0.4)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
+    p.add_argument("--dropout", type=probability_arg, default=0.1)
+    p.add_argument("--crop", type=positive_int_arg, nargs="+", default=None, help="crop H [W]")
+    p.add_argument("--scale", type=positive_float_arg, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
+    p.add_argument("--rotate", type=nonnegative_float_arg, default=10.0, help="rotation range +-degrees")
+    p.add_argument("--batch-size", type=positive_int_arg, default=None, help="total over all processes")
+    p.add_argument("--epochs", type=positive_int_arg, default=None)
+    p.add_argument("--base-lr", type=positive_float_arg, default=None)
+    p.add_argument("--momentum", type=probability_arg, default=0.9)
+    p.add_argument("--weight-decay", type=nonnegative_float_arg, default=1e-4)
+    p.add_argument("--power", type=nonnegative_float_arg, default=0.9, help="poly learning-rate power")
+    p.add_argument("--aux-weight", type=nonnegative_float_arg, default=0.4)
+    p.add_argument("--workers", type=nonnegative_int_arg, default=None, help="DataLoader workers per process")
     p.add_argument("--save-dir", default=None, help="checkpoints train_epoch_N.pth go here")
-    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs (and the last)")
-    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs (and after the last); 0: "
+    p.add_argument("--save-every", type=positive_int_arg, default=1, help="checkpoint every N epochs (and the last)")
+    p.add_argument("--val-every", type=nonnegative_int_arg, default=None, help="validate every N epochs (and after the last); 0: "
                                                                "last only (default: 2 synthetic, 0 list data)")
     p.add_argument("--resume", default=None, help="a checkpoint {'epoch', 'state_dict', 'optimizer'} to continue")
     p.add_argument("--backbone-weights", default=None, help="ImageNet ResNet weights from a local file")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synthetic-size", type=int, default=None)
-    p.add_argument("--synthetic-train", type=int, default=None, help="synthetic training images")
-    p.add_argument("--synthetic-val", type=int, default=None, help="synthetic validation images")
+    p.add_argument("--synthetic-size", type=positive_int_arg, default=None)
+    p.add_argument("--synthetic-train", type=positive_int_arg, default=None, help="synthetic training images")
+    p.add_argument("--synthetic-val", type=positive_int_arg, default=None, help="synthetic validation images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p

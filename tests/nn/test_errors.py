@@ -89,11 +89,11 @@ def test_ops_reject_bad_shapes_cleanly():
     if not pspnet_fast.available_backends()["cpu"]["available"]:
         pytest.skip("extension not built")
     ops = torch.ops.pspnet_fast
-    with pytest.raises(RuntimeError, match="expected x of shape"):
+    with pytest.raises(ValueError, match="x must be of shape"):
         ops.pyramid_pool(torch.randn(3, 4, 5), [1])
-    with pytest.raises(RuntimeError, match="positive"):
+    with pytest.raises(ValueError, match="positive"):
         ops.pyramid_pool(torch.randn(1, 3, 4, 5), [1, 0])
-    with pytest.raises(RuntimeError, match="expected levels of shape"):
+    with pytest.raises(ValueError, match="levels must be of shape"):
         ops.upsample_concat(torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4), [1, 2], True)
-    with pytest.raises(RuntimeError, match="expected weight of shape"):
+    with pytest.raises(ValueError, match="weight must be of shape"):
         ops.ppm_reduce(torch.randn(1, 3, 5), torch.randn(2, 2, 4), None, None, [1, 2], True)

@@ -269,9 +269,10 @@ def test_backward_nan_reaches_only_its_taps():
     assert_close(gq, reference.head_context_backward(g.double(), bins, True), 1e-5)
 
 
-def test_backward_empty_plane():
-    gq = ht.head_context_backward(torch.randn(1, 3, 0, 4), (1, 2), True)
-    assert gq.shape == (1, 3, 9, 5) and bool((gq == 0).all())
+def test_backward_empty_plane_is_refused_as_on_cpu():
+    # Issue 14: the Triton ops take the CPU kernels' rules (pspnet_fast/_checks.py, tests/ops/test_checks.py).
+    with pytest.raises(ValueError, match="grad must have O, H, W >= 1"):
+        ht.head_context_backward(torch.randn(1, 3, 0, 4), (1, 2), True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -314,10 +314,15 @@ def test_nan_identity_tap(H, W):
         assert_close(out, emulate_upsample(x, levels, (6,), ac), torch.float32)
 
 
-def test_no_levels():
+def test_no_levels_and_no_channels_are_refused_as_on_cpu():
+    # Issue 14: the Triton ops take the CPU kernels' rules (pspnet_fast/_checks.py, tests/ops/test_checks.py).
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(10))
-    assert ppm.pyramid_pool(x, ()).shape == (2, 3, 0)
-    assert torch.equal(ppm.upsample_concat(x, torch.empty(2, 4, 0), (), True), x)
+    with pytest.raises(ValueError, match="bins must hold at least one level"):
+        ppm.pyramid_pool(x, ())
+    with pytest.raises(ValueError, match="bins must hold at least one level"):
+        ppm.upsample_concat(x, torch.empty(2, 4, 0), (), True)
+    with pytest.raises(ValueError, match="x must have C, H, W >= 1"):
+        ppm.pyramid_pool(x[:, :0], (1, 2))
 
 
 def test_argument_checks():
