@@ -166,7 +166,7 @@ def _head_epilogue_kernel(
 
     # 1. M: for k = (l, dy, a), column taps (l, dx, c) of the row a of q[n, o, 3 dy + dx, level l].
     q_o = q_ptr + n * sqn + o64 * sqo  # [BLOCK_O]
-    q_k = q_o[:, None] + ((3 * d) * sqt + (off + a * b) * sqs).to(tl.int64)[None, :]  # [BLOCK_O, KP] at dx = 0, c = 0
+    q_k = q_o[:, None] + ((3 * d).to(tl.int64) * sqt + (off + a * b).to(tl.int64) * sqs)[None, :]  # [BLOCK_O, KP] at dx = 0, c = 0
     q_k = q_k[:, :, None]
     bk = b[:, None]
     M = tl.zeros([BLOCK_O, KP, BLOCK_X], acc_ty)
@@ -176,7 +176,7 @@ def _head_epilogue_kernel(
         xs = tl.minimum(tl.maximum(xs, 0), W - 1)
         iw0, iw1, lw0, lw1 = _linear_tap(xs, bk, W, ALIGN, IS_F64, acc_ty)  # [KP, BLOCK_X]
         lm = omask[:, None, None] & m[None, :, :]
-        p = q_k + dx * sqt
+        p = q_k + (zero + dx).to(tl.int64) * sqt
         # Both taps are always read: a NaN behind a zero weight reaches the output, as in PyTorch.
         v0 = tl.load(p + (iw0.to(tl.int64) * sqs)[None, :, :], mask=lm, other=0.0)
         v1 = tl.load(p + (iw1.to(tl.int64) * sqs)[None, :, :], mask=lm, other=0.0)

@@ -178,7 +178,7 @@ def _pyramid_pool_kernel(
         for w0 in range(0, W, BLOCK_W):
             w = w0 + tl.arange(0, BLOCK_W)
             wmask = w < W
-            xt = tl.load(x_row[:, None] + w[None, :] * sxw, mask=cmask[:, None] & wmask[None, :], other=0.0)
+            xt = tl.load(x_row[:, None] + w.to(tl.int64)[None, :] * sxw, mask=cmask[:, None] & wmask[None, :], other=0.0)
             xt = xt.to(acc_ty)
             acc0 = _pool_level_tile(acc0, xt, w, h, H, W, B0, BP0)
             if NUM_LEVELS > 1:
@@ -275,8 +275,8 @@ def _ppm_reduce_kernel(
 
     v = acc
     if HAS_AFFINE:
-        sc = tl.load(scale_ptr + l.to(tl.int64) * ssl + r * ssr, mask=rmask, other=0.0)
-        sh = tl.load(shift_ptr + l.to(tl.int64) * shl + r * shr, mask=rmask, other=0.0)
+        sc = tl.load(scale_ptr + l.to(tl.int64) * ssl + r.to(tl.int64) * ssr, mask=rmask, other=0.0)
+        sh = tl.load(shift_ptr + l.to(tl.int64) * shl + r.to(tl.int64) * shr, mask=rmask, other=0.0)
         v = v * sc[:, None]
         v = v + sh[:, None]
     if RELU:
