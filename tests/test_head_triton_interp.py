@@ -205,9 +205,10 @@ def test_epilogue_selection_path(monkeypatch, shape, bins, ac, cl):
 
 
 def test_epilogue_block_shapes():
-    # W = 90: 32-column blocks (96 columns computed, not 128), 4 channels a program; channels_last: channel blocks.
-    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False)[:2] == (4, 32)
-    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, True)[:2] == (64, 2)
+    # W = 90: 32-column blocks (96 columns computed, not 128), 2 channels a program; channels_last: channel blocks.
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False) == (2, 32, 64)
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, True) == (32, 2, 64)
+    assert ht._epilogue_blocks(512, 128, (1, 2, 3, 6), False, False) == (1, 64, 64)
 
 
 def test_epilogue_int64_offsets(tmp_path):
