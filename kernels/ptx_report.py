@@ -135,6 +135,21 @@ def _ptxas_usage(ptx, arch):
             "spill_bytes": sum(int(b) for b, _ in spill) if spill else 0}
 
 
+def _res_usage(cubin):
+    """REG and STACK (bytes of local memory a thread: spills and stack arrays) of the cubin, by cuobjdump."""
+    exe = os.path.join(_BIN, "cuobjdump")
+    if not os.path.exists(exe):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([exe, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return {"stack_bytes": int(m.group(2))} if m else {}
+
+
 def compile_launch(kernel, grid, args, kwargs, arch):
     signature, constexprs, attrs, options = _specialize(kernel, args, kwargs)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -149,6 +164,7 @@ def compile_launch(kernel, grid, args, kwargs, arch):
         "ptx": _ptx_widths(ptx),
         "sass": _sass_widths(compiled.asm["cubin"]),
         **_ptxas_usage(ptx, arch),
+        **_res_usage(compiled.asm["cubin"]),
     }
 
 
@@ -230,7 +246,7 @@ def main(argv=None):
             for r in rows:
                 meta = " ".join(f"{k}={v}" for k, v in r["meta"].items())
                 print(f"  {r['op']:<26} {r['kernel']:<26} grid={r['grid']} warps={r['num_warps']} "
-                      f"regs={r['registers']} spill={r['spill_bytes']}B\n      ptx {r['ptx']}\n      sass {r['sass']}"
+                      f"regs={r['registers']} spill={r['spill_bytes']}B stack={r.get('stack_bytes')}B\n      ptx {r['ptx']}\n      sass {r['sass']}"
                       f"\n      {meta}")
     if args.json:
         print(json.dumps(allrows, indent=1, default=str))
