@@ -204,3 +204,16 @@ def test_argument_checks():
         ppm.ppm_forward(x, w, sc, None, (1, 2), True, True)
     with pytest.raises(ValueError, match="non-zero"):
         ppm.ppm_forward(x[:, :, :0], w, sc, sh, (1, 2), True, True)
+
+
+def test_forward_unaligned_start_and_aligned_rows():
+    # A view starting 4 bytes past a 16-byte boundary: no aligned windows (VEC = 1), exact masks.
+    base = torch.randn(1 + 3 * 5 * 7, generator=torch.Generator().manual_seed(11))
+    x = base[1:].view(1, 3, 5, 7)
+    assert _dense_plan(x, (1, 2, 3))["vec"] == 1
+    check_forward(x, (1, 2, 3))
+    # Rows of 16 bfloat16 (32 bytes): every row starts aligned, one row class, no lane shift.
+    x = torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    plan = _dense_plan(x, (1, 2, 3, 6))
+    assert (plan["vec"], plan["p"], plan["pc"]) == (8, 1, 1)
+    check_forward(x, (1, 2, 3, 6), x_last=True)
