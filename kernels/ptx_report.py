@@ -208,7 +208,7 @@ def cases(shape, dtype, bins=(1, 2, 3, 6), reduction=None, head_out=512):
             (f"ppm_reduce {layout}", _impl(ppm_triton._triton_ppm_reduce), (pooled, w, sc, sc, list(bins), True)),
             (f"upsample_concat {layout}", _impl(ppm_triton._triton_upsample_concat),
              (x, levels, list(bins), True, False)),
-            (f"ppm_forward {layout}", _impl(ppm_triton._triton_ppm_forward),
+            (f"ppm_forward {layout}", _impl(getattr(ppm_triton, "_triton_ppm_forward", None)),
              (x, w, sc, sc, list(bins), True, True, False)),
             (f"head_epilogue {layout}", _impl(head_triton._triton_head_epilogue),
              (z, q, list(bins), True, hs, hs, True)),
@@ -216,9 +216,11 @@ def cases(shape, dtype, bins=(1, 2, 3, 6), reduction=None, head_out=512):
     return out
 
 
-def report(shape, dtype, arch=90):
+def report(shape, dtype, arch=90, ops=None):
     rows = []
     for name, fn, args in cases(shape, dtype):
+        if fn is None or (ops and not any(o in name for o in ops)):
+            continue
         for kernel, grid, a, kw in record(fn, *args):
             r = compile_launch(kernel, grid, a, kw, arch)
             r["op"] = name
@@ -232,12 +234,13 @@ def main(argv=None):
     ap.add_argument("--shape", action="append", help="N,C,H,W (repeatable); default 8,2048,90,90 and 8,2048,64,128")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--ops", nargs="*", help="report only the cases whose name contains one of these")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split(",")) for s in (args.shape or ["8,2048,90,90", "8,2048,64,128"])]
     dtype = getattr(torch, args.dtype)
     allrows = []
     for shape in shapes:
-        rows = report(shape, dtype, args.arch)
+        rows = report(shape, dtype, args.arch, args.ops)
         for r in rows:
             r["shape"] = list(shape)
         allrows += rows
