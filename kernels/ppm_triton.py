@@ -937,7 +937,8 @@ def _pool_plan(x: torch.Tensor, bins: List[int]) -> Optional[dict]:
         vec = 1
     p = vec // math.gcd(W % vec, vec) if vec > 1 else 1
     pc = vec // math.gcd(x.stride(1) % vec, vec) if vec > 1 else 1
-    block_w = _next_pow2(W + vec - 1)
+    # Lanes for the shift: none when every row starts at a VEC boundary (W and stride(1) multiples of VEC).
+    block_w = _next_pow2(W + (0 if W % vec == 0 and x.stride(1) % vec == 0 else vec - 1))
     if block_w > _POOL_MAX_BLOCK_W:
         return None
     bps = [_next_pow2(b) for b in bins] or [1]
