@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
-from .ppm_triton import MAX_LEVELS, _bins_meta, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
+from .ppm_triton import MAX_LEVELS, _bins_meta, _div, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
 
 __all__ = ["head_epilogue", "head_context_backward"]
 
@@ -39,9 +39,11 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Register budgets (elements of the largest register tensor of a program); tests lower the caps to exercise several
 # blocks on tiny shapes.
-_FWD_BUDGET = {False: 8192, True: 4096}  # M[BLOCK_O, KP, BLOCK_X] of the epilogue (8 warps), keyed by is_f64
+_FWD_BUDGET = {False: 4096, True: 2048}  # M[KP, BLOCK_F] of the epilogue, keyed by is_f64 (8192: spills at 8 warps)
+_FWD_BLOCK_F = {False: 128, True: 64}  # (channel, x) columns of an epilogue program
+_FWD_ROWS = 32  # rows of one product tile [ROWS, KP] x [KP, BLOCK_F] (>= 16 for tl.dot)
+_FWD_USE_DOT = True  # the product for finite M (float32); False: the selection path everywhere (tests)
 _BWD_BUDGET = {False: 4096, True: 2048}  # acc[BLOCK_O, KB, KB] of the backward (4 warps)
-_FWD_ROWS = 32  # output rows per epilogue program: M is built once and reused for these rows
 _BWD_KB_MAX = 64  # tap-space block of the backward (rows and columns)
 _BWD_BLOCK_X_MAX = 128
 
@@ -120,6 +122,65 @@ def _tap_weights(pos, d, a, b, valid, EXTENT, ALIGN: tl.constexpr, IS_F64: tl.co
 
 
 @triton.jit
+def _scale_of(IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # ppm_math.h linear_scale for source extents IN ([KP], the levels' bin counts) and destination extent OUT: one
+    # IEEE division per tap-space entry and program, none per element.
+    if ALIGN:
+        num = (IN - 1).to(dt)
+        den = tl.cast(tl.maximum(OUT - 1, 1), dt)
+        return tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
+    else:
+        return _div(IN.to(dt), tl.cast(OUT, dt), IS_F64)
+
+
+@triton.jit
+def _tap_scaled(dst, scale, IN, OUT, ALIGN: tl.constexpr, dt: tl.constexpr):
+    # _linear_tap with the scale given (broadcast of dst with scale and IN): the same arithmetic, in the same order.
+    if ALIGN:
+        src = scale * dst.to(dt)
+    else:
+        src = scale * (dst.to(dt) + 0.5) - 0.5
+        src = tl.where(src < 0.0, 0.0, src)
+    i0 = tl.minimum(src.to(tl.int32), IN - 1)
+    l1 = src - i0.to(dt)
+    l1 = tl.where(l1 < 0.0, 0.0, l1)
+    l1 = tl.where(l1 > 1.0, 1.0, l1)
+    l0 = 1.0 - l1
+    i1 = i0 + (i0 < IN - 1).to(tl.int32)
+    same = IN == OUT  # a dimension that keeps its size is copied (ATen), no neighbour tap
+    i0 = tl.where(same, dst, i0)
+    i1 = tl.where(same, dst, i1)
+    l0 = tl.where(same, 1.0, l0)
+    l1 = tl.where(same, 0.0, l1)
+    return i0, i1, l0, l1
+
+
+@triton.jit
+def _tap_weights_scaled(pos, d, a, b, valid, scale, EXTENT, ALIGN: tl.constexpr, dt: tl.constexpr):
+    # _tap_weights with the per-entry scale given: (sel, w) of source bin a at the shifted position pos + d - 1.
+    src = pos + d - 1
+    inside = (src >= 0) & (src < EXTENT) & valid
+    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)
+    i0, i1, l0, l1 = _tap_scaled(src, scale, b, EXTENT, ALIGN, dt)
+    s0 = inside & (a == i0)
+    s1 = inside & (a == i1)
+    w = tl.where(s0, l0, 0.0) + tl.where(s1, l1, 0.0)
+    return s0 | s1, w
+
+
+@triton.jit
+def _epi_store(ctx, z_ptr, out_ptr, zoff, ooff, m, sc, sh, HAS_AFFINE: tl.constexpr, RELU: tl.constexpr):
+    # out = act((z + ctx) * scale + shift) for one tile (any shape; sc, sh broadcast to it).
+    v = tl.load(z_ptr + zoff, mask=m, other=0.0).to(ctx.dtype) + ctx
+    if HAS_AFFINE:
+        v = v * sc
+        v = v + sh
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
+    tl.store(out_ptr + ooff, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _head_epilogue_kernel(
     z_ptr, q_ptr, scale_ptr, shift_ptr, out_ptr,
     O, H, W,
@@ -127,7 +188,7 @@ def _head_epilogue_kernel(
     sqn, sqo, sqt, sqs,
     ssc, ssh,
     son, soo, soh, sow,
-    n_oblocks, n_xblocks, n_yblocks, ROWS,
+    n_oblocks, n_xblocks,
     NUM_LEVELS: tl.constexpr,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
     B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
@@ -136,75 +197,88 @@ def _head_epilogue_kernel(
     K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr,
     K5: tl.constexpr, K6: tl.constexpr, K7: tl.constexpr, KT: tl.constexpr,
     ALIGN: tl.constexpr, IS_F64: tl.constexpr, HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_O: tl.constexpr, KP: tl.constexpr, BLOCK_X: tl.constexpr,
+    USE_DOT: tl.constexpr, O_INNER: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
 ):
-    # Grid: (N * cdiv(H, ROWS) * cdiv(W, BLOCK_X) * cdiv(O, BLOCK_O),), the channel block fastest (programs running
-    # together share q's planes and, channels_last, z's lines). A program owns out[n, o-block, ROWS rows, x-block]:
-    #   1. M[o, k, x] = sum_dx Wc-taps of q (k = (level, dy, a) in tap space): the level maps already interpolated
-    #      and shifted along x, [BLOCK_O, KP, BLOCK_X], 6 gathers per element, built once;
-    #   2. per output row y, context[o, x] = sum_k Wr[y, k] * M[o, k, x] (a selection-sum over KP), then the epilogue.
-    # BLOCK_O = 1 for contiguous z (rows coalesced along x), > 1 for channels_last (coalesced along o).
+    # Grid: (N * cdiv(W, BLOCK_X) * cdiv(O, BLOCK_O),). A program owns the columns f of BLOCK_F = BLOCK_O * BLOCK_X
+    # (channel, x) pairs of one image, flattened (x fastest for contiguous z: rows of BLOCK_X, BLOCK_X chosen from W so
+    # that few columns are masked; channel fastest for channels_last), for ALL rows:
+    #   1. M[k, f] = the column-interpolated, dx-shifted level maps in tap space k = (level, dy, a), [KP, BLOCK_F],
+    #      built once (6 gathers of q per entry, the column scale divided once per k, no division per element);
+    #   2. per tile of ROWS rows, context[y, f] = sum_k Wr[y, k] M[k, f]: with USE_DOT and M finite, one
+    #      [ROWS, KP] x [KP, BLOCK_F] product (exact fp32 products and sums); otherwise (a NaN or inf in M, float64)
+    #      row by row as a selection-sum, so that a non-finite q reaches exactly the outputs whose taps read it;
+    #   3. the epilogue act((z + context) * scale + shift) on the tile.
     pid = tl.program_id(0)
     ob = pid % n_oblocks
     t = pid // n_oblocks
     xb = t % n_xblocks
-    t = t // n_xblocks
-    yb = t % n_yblocks
-    n = (t // n_yblocks).to(tl.int64)
+    n = (t // n_xblocks).to(tl.int64)
     zero = pid * 0  # loop indices become tensors (the interpreter hands out Python ints)
     acc_ty = q_ptr.dtype.element_ty
-    out_ty = out_ptr.dtype.element_ty
+    BLOCK_F: tl.constexpr = BLOCK_O * BLOCK_X
 
-    o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = o < O
+    f = tl.arange(0, BLOCK_F)
+    if O_INNER:
+        o = ob * BLOCK_O + f % BLOCK_O
+        x = xb * BLOCK_X + f // BLOCK_O
+    else:
+        o = ob * BLOCK_O + f // BLOCK_X
+        x = xb * BLOCK_X + f % BLOCK_X
+    fmask = (o < O) & (x < W)
     o64 = o.to(tl.int64)
-    x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
-    xmask = x < W
     x64 = x.to(tl.int64)
     k = tl.arange(0, KP)
     lvl, b, off, d, a, kvalid = _tap_space(k, NUM_LEVELS, B0, B1, B2, B3, B4, B5, B6, B7, O1, O2, O3, O4, O5, O6, O7,
                                            K1, K2, K3, K4, K5, K6, K7, KT)
+    csc = _scale_of(b, W, ALIGN, IS_F64, acc_ty)  # [KP]
+    rsc = _scale_of(b, H, ALIGN, IS_F64, acc_ty)
 
-    # 1. M: for k = (l, dy, a), column taps (l, dx, c) of the row a of q[n, o, 3 dy + dx, level l].
-    q_o = q_ptr + n * sqn + o64 * sqo  # [BLOCK_O]
-    q_k = q_o[:, None] + ((3 * d) * sqt + (off + a * b) * sqs).to(tl.int64)[None, :]  # [BLOCK_O, KP] at dx = 0, c = 0
-    q_k = q_k[:, :, None]
-    bk = b[:, None]
-    M = tl.zeros([BLOCK_O, KP, BLOCK_X], acc_ty)
+    # 1. M. q[n, o, 3 dy + dx, off_l + a b_l + c] at 64-bit offsets (int64 plane base, int64 index * stride).
+    q_kf = (q_ptr + n * sqn + o64[None, :] * sqo
+            + ((3 * d).to(tl.int64) * sqt + (off + a * b).to(tl.int64) * sqs)[:, None])  # [KP, BLOCK_F]
+    M = tl.zeros([KP, BLOCK_F], acc_ty)
     for dx in tl.static_range(3):
-        xs = x[None, :] + (dx - 1)  # [1, BLOCK_X]
-        m = (xs >= 0) & (xs < W) & xmask[None, :] & kvalid[:, None]  # [KP, BLOCK_X]
+        xs = x + (dx - 1)
+        inside = (xs >= 0) & (xs < W) & fmask  # [BLOCK_F]
         xs = tl.minimum(tl.maximum(xs, 0), W - 1)
-        iw0, iw1, lw0, lw1 = _linear_tap(xs, bk, W, ALIGN, IS_F64, acc_ty)  # [KP, BLOCK_X]
-        lm = omask[:, None, None] & m[None, :, :]
-        p = q_k + dx * sqt
+        iw0, iw1, lw0, lw1 = _tap_scaled(xs[None, :], csc[:, None], b[:, None], W, ALIGN, acc_ty)  # [KP, BLOCK_F]
+        lm = kvalid[:, None] & inside[None, :]
+        p = q_kf + (zero + dx).to(tl.int64) * sqt
         # Both taps are always read: a NaN behind a zero weight reaches the output, as in PyTorch.
-        v0 = tl.load(p + (iw0.to(tl.int64) * sqs)[None, :, :], mask=lm, other=0.0)
-        v1 = tl.load(p + (iw1.to(tl.int64) * sqs)[None, :, :], mask=lm, other=0.0)
-        M += tl.where(m[None, :, :], lw0[None, :, :] * v0 + lw1[None, :, :] * v1, 0.0)
+        v0 = tl.load(p + iw0.to(tl.int64) * sqs, mask=lm, other=0.0)
+        v1 = tl.load(p + iw1.to(tl.int64) * sqs, mask=lm, other=0.0)
+        M += tl.where(lm, lw0 * v0 + lw1 * v1, 0.0)
 
+    sc = tl.zeros([BLOCK_F], acc_ty)
+    sh = tl.zeros([BLOCK_F], acc_ty)
     if HAS_AFFINE:
-        sc = tl.load(scale_ptr + o64 * ssc, mask=omask, other=0.0)[:, None]
-        sh = tl.load(shift_ptr + o64 * ssh, mask=omask, other=0.0)[:, None]
+        sc = tl.load(scale_ptr + o64 * ssc, mask=fmask, other=0.0)
+        sh = tl.load(shift_ptr + o64 * ssh, mask=fmask, other=0.0)
+    z_f = n * szn + o64 * szo + x64 * szw  # [BLOCK_F] offsets at row 0
+    o_f = n * son + o64 * soo + x64 * sow
 
-    # 2. Rows.
-    tile_m = omask[:, None] & xmask[None, :]
-    z_tile = z_ptr + n * szn + o64[:, None] * szo + x64[None, :] * szw  # [BLOCK_O, BLOCK_X] at row 0
-    o_tile = out_ptr + n * son + o64[:, None] * soo + x64[None, :] * sow
-    y_start = yb * ROWS
-    y_end = tl.minimum(y_start + ROWS, H)
-    for yi in range(y_start, y_end):
-        y = zero + yi
-        sel, wr = _tap_weights(y, d, a, b, kvalid, H, ALIGN, IS_F64, acc_ty)  # [KP]
-        ctx = tl.sum(tl.where(sel[None, :, None], wr[None, :, None] * M, 0.0), axis=1)  # [BLOCK_O, BLOCK_X]
-        y64 = y.to(tl.int64)
-        v = tl.load(z_tile + y64 * szh, mask=tile_m, other=0.0).to(acc_ty) + ctx
-        if HAS_AFFINE:
-            v = v * sc
-            v = v + sh
-        if RELU:
-            v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
-        tl.store(o_tile + y64 * soh, v.to(out_ty), mask=tile_m)
+    finite = False  # float64 (or forced): the selection path
+    if USE_DOT:
+        bad = ((M - M) != 0.0).to(tl.int32)  # NaN or +-inf
+        finite = tl.max(tl.max(bad, axis=1), axis=0) == 0
+    if finite:
+        for y0 in range(0, H, ROWS):
+            yy = zero + y0 + tl.arange(0, ROWS)
+            _, wr = _tap_weights_scaled(yy[:, None], d[None, :], a[None, :], b[None, :], kvalid[None, :],
+                                        rsc[None, :], H, ALIGN, acc_ty)  # [ROWS, KP], 0 outside the image
+            ctx = tl.dot(wr, M, input_precision="ieee")  # [ROWS, BLOCK_F]
+            yy64 = yy.to(tl.int64)
+            m = (yy < H)[:, None] & fmask[None, :]
+            _epi_store(ctx, z_ptr, out_ptr, z_f[None, :] + yy64[:, None] * szh, o_f[None, :] + yy64[:, None] * soh,
+                       m, sc[None, :], sh[None, :], HAS_AFFINE, RELU)
+    else:
+        for yi in range(0, H):
+            y = zero + yi
+            sel, wr = _tap_weights_scaled(y, d, a, b, kvalid, rsc, H, ALIGN, acc_ty)  # [KP]
+            ctx = tl.sum(tl.where(sel[:, None], wr[:, None] * M, 0.0), axis=0)  # [BLOCK_F]
+            y64 = y.to(tl.int64)
+            _epi_store(ctx, z_ptr, out_ptr, z_f + y64 * szh, o_f + y64 * soh, fmask, sc, sh, HAS_AFFINE, RELU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,11 +411,30 @@ def _check_map(t: torch.Tensor, name: str, op: str):
         raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
+def _epilogue_blocks(O: int, W: int, bins: Sequence[int], is_f64: bool, channels_last: bool):
+    """(BLOCK_O, BLOCK_X, KP) of the epilogue: M [KP, BLOCK_O * BLOCK_X] within _FWD_BUDGET, KP >= 16 and
+    BLOCK_O * BLOCK_X >= 16 (tl.dot). Contiguous z: BLOCK_X from W, the fewest masked columns among the three widest
+    powers of two (ties to the wider), channels fill the block; channels_last: channels first."""
+    kp = max(16, _next_pow2(3 * sum(bins)))
+    block_f = max(16, min(_FWD_BLOCK_F[is_f64], _FWD_BUDGET[is_f64] // kp))
+    if channels_last:
+        block_o = min(_next_pow2(O), block_f // 2)
+        block_x = max(block_f // block_o, 1)
+    else:
+        widest = min(_next_pow2(W), block_f)
+        cands = [widest >> i for i in range(3) if widest >> i >= min(widest, 16)]
+        block_x = min(cands, key=lambda bx: (triton.cdiv(W, bx) * bx, -bx))  # W = 90: 32 (96 columns, not 128)
+        block_o = max(1, min(_next_pow2(O), block_f // block_x))
+    if block_o * block_x < 16:  # tl.dot needs N >= 16: masked columns
+        block_x *= 16 // (block_o * block_x)
+    return block_o, block_x, kp
+
+
 @_register("pspnet_fast::triton_head_epilogue")
 def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], align_corners: bool,
                           scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    op = "head_epilogue"
     _checks.check_head_epilogue(z, q, bins, align_corners, scale, shift, relu)
+    op = "head_epilogue"
     bins = _check_head_bins(bins, op)
     _check_map(z, "z", op)
     N, O, H, W = z.shape
@@ -373,19 +466,13 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
         return out
 
     meta = _tap_meta(bins)
-    kp = _next_pow2(meta["KT"])
-    budget = _FWD_BUDGET[is_f64]
-    if channels_last:  # coalesced along o: a wide channel block, few columns
-        block_o = max(1, min(_next_pow2(O), 32, budget // kp))
-        block_x = max(1, min(_next_pow2(W), budget // (kp * block_o)))
-    else:  # coalesced along x: one plane, a wide column block
-        block_o = 1
-        block_x = max(1, min(_next_pow2(W), 128, budget // kp))
-    rows = min(H, _FWD_ROWS)
-    n_oblocks, n_xblocks, n_yblocks = triton.cdiv(O, block_o), triton.cdiv(W, block_x), triton.cdiv(H, rows)
+    block_o, block_x, kp = _epilogue_blocks(O, W, bins, is_f64, channels_last)
+    block_f = block_o * block_x
+    rows = _FWD_ROWS
+    n_oblocks, n_xblocks = triton.cdiv(O, block_o), triton.cdiv(W, block_x)
     sc = scale if has_affine else q
     sh = shift if has_affine else q
-    grid = (N * n_yblocks * n_xblocks * n_oblocks,)
+    grid = (N * n_xblocks * n_oblocks,)
     wrap_triton(_head_epilogue_kernel)[grid](
         z, q, sc, sh, out,
         O, H, W,
@@ -393,10 +480,11 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         sc.stride(0), sh.stride(0),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        n_oblocks, n_xblocks, n_yblocks, rows,
+        n_oblocks, n_xblocks,
         ALIGN=bool(align_corners), IS_F64=is_f64, HAS_AFFINE=has_affine, RELU=bool(relu),
-        BLOCK_O=block_o, KP=kp, BLOCK_X=block_x,
-        num_warps=8,
+        USE_DOT=_FWD_USE_DOT and not is_f64, O_INNER=channels_last,
+        BLOCK_O=block_o, BLOCK_X=block_x, KP=kp, ROWS=rows,
+        num_warps=8 if block_f * kp >= 4096 else 4,
         **meta,
     )
     return out
@@ -404,8 +492,8 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
 
 @_register("pspnet_fast::triton_head_context_backward")
 def _triton_head_context_backward(grad: torch.Tensor, bins: List[int], align_corners: bool) -> torch.Tensor:
-    op = "head_context_backward"
     _checks.check_head_context_backward(grad, bins, align_corners)
+    op = "head_context_backward"
     bins = _check_head_bins(bins, op)
     _check_map(grad, "grad", op)
     N, O, H, W = grad.shape

@@ -184,11 +184,42 @@ def test_epilogue_nan_in_q_reaches_only_its_taps():
 
 
 def test_epilogue_several_blocks(monkeypatch):
-    # Smaller budgets and row blocks: several channel, column and row blocks per image on tiny shapes.
-    monkeypatch.setattr(ht, "_FWD_BUDGET", {False: 64, True: 64})
-    monkeypatch.setattr(ht, "_FWD_ROWS", 2)
-    check_epilogue(1, 3, 3, 5, (1, 2), True, True, True, seed=7)  # 2 column x 2 row blocks
-    check_epilogue(1, 5, 3, 2, (1, 2), False, True, False, channels_last=True, seed=8)  # 2 channel x 2 column x 2 row
+    # Smaller column blocks: several channel and column blocks per image on tiny shapes, and more rows than one
+    # product tile (ROWS = 16).
+    monkeypatch.setattr(ht, "_FWD_BLOCK_F", {False: 16, True: 16})
+    monkeypatch.setattr(ht, "_FWD_ROWS", 16)
+    check_epilogue(1, 3, 3, 5, (1, 2), True, True, True, seed=7)  # 2 channel blocks of 2 x 8 columns
+    check_epilogue(1, 5, 3, 2, (1, 2), False, True, False, channels_last=True, seed=8)  # channel blocks of 8
+    check_epilogue(1, 2, 18, 3, (1, 2, 3), True, True, True, seed=9)  # 2 row tiles
+
+
+@pytest.mark.parametrize("shape,bins,ac,cl", [
+    ((2, 3, 5, 9), (1, 2, 3, 6), True, False),
+    ((1, 5, 9, 5), (1, 3, 6, 8), False, True),
+    ((1, 3, 1, 1), (1, 2, 3, 6), True, False),
+], ids=lambda v: str(v).replace(" ", ""))
+def test_epilogue_selection_path(monkeypatch, shape, bins, ac, cl):
+    # The row stage's selection path (taken for non-finite M, and for float64) on finite data too.
+    monkeypatch.setattr(ht, "_FWD_USE_DOT", False)
+    check_epilogue(*shape, bins, ac, True, True, channels_last=cl, seed=10)
+
+
+def test_epilogue_block_shapes():
+    # W = 90: 32-column blocks (96 columns computed, not 128), 2 channels a program; channels_last: channel blocks.
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False) == (2, 32, 64)
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, True) == (32, 2, 64)
+    assert ht._epilogue_blocks(512, 128, (1, 2, 3, 6), False, False) == (1, 64, 64)
+
+
+def test_epilogue_int64_offsets(tmp_path):
+    # q (N, O, 9, S) with stride(3) = 2^27: (off + a * b) * stride(3) reaches 13 * 2^27 > 2^31 - 1.
+    from .test_triton_interp import huge_strided
+
+    bins = (1, 2, 3)
+    q = huge_strided(tmp_path, (1, 2, 9, 14), (0, 1, 2, 2 ** 27))
+    z = torch.randn(1, 2, 4, 5)
+    out = ht.head_epilogue(z, q, bins, True, None, None, False)
+    assert_close(out, ref64_epilogue(z, q, bins, True, None, None, False), 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -574,3 +574,46 @@ def test_patched_smp_on_triton_backend(train, layout):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     for (k, a), (_, b) in zip(model.state_dict().items(), patched.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 64-bit offsets: views whose index * stride products exceed 2^31 elements. Such a view needs > 8 GiB of address
+# space; a sparse file mapped with torch.from_file gives it without the memory (only the touched pages exist).
+# With 32-bit products the kernels would read outside the mapping (a crash) or wrong elements.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def huge_strided(tmp_path, shape, strides, dtype=torch.float32, seed=30):
+    """A tensor of `shape` and element `strides` (max offset >= 2^31) over a sparse file, filled with randn."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    span = 1 + sum((s - 1) * st for s, st in zip(shape, strides))
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(span * elem)
+    storage = torch.from_file(str(path), shared=True, size=span * elem, dtype=torch.uint8).view(dtype)
+    t = torch.as_strided(storage, shape, strides)
+    t.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
+    return t
+
+
+def test_int64_offsets_pool_and_concat(tmp_path):
+    # stride(3) = 2^29 + 3: w * stride(3) reaches 4 * 2^29 > 2^31 - 1 at W = 5 (the permuted-view overflow).
+    x = huge_strided(tmp_path, (1, 2, 3, 5), (0, 1, 2, 2 ** 29 + 3))
+    bins = (1, 2, 3)
+    assert_close(ppm.pyramid_pool(x, bins), ref_pool(x, bins, torch.float32), torch.float32)
+    levels = torch.randn(1, 2, 14)
+    assert_close(ppm.upsample_concat(x, levels, bins, True), ref_upsample(x, levels, bins, True), torch.float32)
+    grad_pooled = torch.randn(1, 2, 14)
+    assert_close(ppm.pyramid_pool_backward(grad_pooled, x, bins),
+                 ref_pool_backward(grad_pooled, x, bins).float(), torch.float32)
+
+
+def test_int64_offsets_reduce(tmp_path):
+    # scale and shift (L, R) with stride(1) = 2^30 + 1: r * stride(1) > 2^31 at R = 3.
+    bins = (1, 2)
+    st = huge_strided(tmp_path, (2, 2, 3), (1, 2, 2 ** 30 + 1))
+    scale, shift = st[0] + 2.0, st[1]
+    pooled = torch.randn(2, 4, 5)
+    weight = torch.randn(2, 3, 4)
+    assert_close(ppm.ppm_reduce(pooled, weight, scale, shift, bins, True),
+                 ref_reduce(pooled, weight, scale, shift, bins, True), torch.float32)
