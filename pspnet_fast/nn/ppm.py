@@ -17,11 +17,11 @@ from ..reference import PyramidPooling as _RefPyramidPooling
 
 __all__ = ["PyramidPooling", "fallback_reason"]
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (module class, reason kind) already warned about
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+def _name_in(root: nn.Module, m: nn.Module) -> str:
+    return next((n for n, s in root.named_modules() if s is m), "") or type(root).__name__
 
 
 def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = False) -> str | None:
@@ -32,16 +32,20 @@ def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = Fal
     if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
             or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return "global module hooks (torch.nn.modules.module.register_module_forward_hook and the like)"
-    for name, m in module.named_modules():
+    # A plain walk over _modules (named_modules and parametrize.is_parametrized cost ~10x more per call); names are
+    # looked up only for the reason's text.
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        stack.extend(c for c in m._modules.values() if c is not None)
         if m is module and not include_self:
             continue
-        name = name or type(module).__name__
-        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
-            return f"pruning (torch.nn.utils.prune) of submodule {name!r}"
-        if _has_hooks(m):
-            return f"hooks on submodule {name!r}"
-        if parametrize.is_parametrized(m):
-            return f"parametrizations (torch.nn.utils.parametrize) of submodule {name!r}"
+        if m._forward_pre_hooks and any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return f"pruning (torch.nn.utils.prune) of submodule {_name_in(module, m)!r}"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"hooks on submodule {_name_in(module, m)!r}"
+        if "parametrizations" in m._modules and parametrize.is_parametrized(m):
+            return f"parametrizations (torch.nn.utils.parametrize) of submodule {_name_in(module, m)!r}"
     if torch.compiler.is_compiling():
         return None  # torch.compile traces the ops (fake kernels, registered autograd)
     if torch.jit.is_tracing():
