@@ -92,9 +92,9 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
     name = ops.choose_backend(x, backend)
     if name == "reference":
         return cls(ppm(x))
-    why = fallback_reason(ppm, x, include_self=True) or fallback_reason(cls, x, include_self=True)
+    why = fallback_reason(ppm, x, True, "ppm.") or fallback_reason(cls, x, True, "cls.")
     if why is not None:
-        warn_fallback("PSPHead", why)
+        warn_fallback("PSPHead", why, stacklevel=6)  # via PSPHead.forward or PSPNet.forward
         return cls(ppm(x))
     ops.ensure_registered(name)
     kernels = ops.op_set(name)

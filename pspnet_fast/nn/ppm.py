@@ -17,31 +17,38 @@ from ..reference import PyramidPooling as _RefPyramidPooling
 
 __all__ = ["PyramidPooling", "fallback_reason"]
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (module class, reason kind) already warned about
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+def _name_in(root: nn.Module, m: nn.Module, prefix: str) -> str:
+    name = next((n for n, s in root.named_modules() if s is m), "")
+    return prefix + name if name else (prefix.rstrip(".") or type(root).__name__)
 
 
-def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = False) -> str | None:
+def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = False,
+                    prefix: str = "") -> str | None:
     """Why the fused path cannot honour this call of `module` (whose forward would skip its submodules' forward),
     or None: forward hooks on its submodules (or global module hooks), pruning, parametrizations, forward-mode AD,
-    torch.func transforms, torch.jit.trace. include_self: `module`'s own hooks count too (its forward is skipped).
+    torch.func transforms, torch.jit.trace. include_self: `module`'s own hooks count too (its forward is skipped); prefix: its name in the
+    reason's text.
     The caller then runs the reference computation (see README, "What the fused path honours")."""
     if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
             or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return "global module hooks (torch.nn.modules.module.register_module_forward_hook and the like)"
-    for name, m in module.named_modules():
+    # A plain walk over _modules (named_modules and parametrize.is_parametrized cost ~10x more per call); names are
+    # looked up only for the reason's text.
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        stack.extend(c for c in m._modules.values() if c is not None)
         if m is module and not include_self:
             continue
-        name = name or type(module).__name__
-        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
-            return f"pruning (torch.nn.utils.prune) of submodule {name!r}"
-        if _has_hooks(m):
-            return f"hooks on submodule {name!r}"
-        if parametrize.is_parametrized(m):
-            return f"parametrizations (torch.nn.utils.parametrize) of submodule {name!r}"
+        if m._forward_pre_hooks and any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return f"pruning (torch.nn.utils.prune) of submodule {_name_in(module, m, prefix)!r}"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"hooks on submodule {_name_in(module, m, prefix)!r}"
+        if "parametrizations" in m._modules and parametrize.is_parametrized(m):
+            return f"parametrizations (torch.nn.utils.parametrize) of submodule {_name_in(module, m, prefix)!r}"
     if torch.compiler.is_compiling():
         return None  # torch.compile traces the ops (fake kernels, registered autograd)
     if torch.jit.is_tracing():
@@ -54,14 +61,15 @@ def fallback_reason(module: nn.Module, x: torch.Tensor, include_self: bool = Fal
     return None
 
 
-def warn_fallback(owner: str, reason: str) -> None:
-    """One RuntimeWarning per (module class, reason kind) and process."""
+def warn_fallback(owner: str, reason: str, stacklevel: int = 5) -> None:
+    """One RuntimeWarning per (module class, reason kind) and process. stacklevel 5: the caller of the module (warn,
+    the module's forward, Module._call_impl, Module.__call__)."""
     kind = (owner, reason.split(" of submodule")[0].split(" on submodule")[0])
     if kind not in _warned:
         _warned.add(kind)
         warnings.warn(f"pspnet_fast.{owner}: {reason}: the fused path cannot honour this, so this call runs the "
                       f"reference computation (same result, slower; build with backend=\"reference\" to say so and "
-                      f"silence this warning)", RuntimeWarning, stacklevel=4)
+                      f"silence this warning)", RuntimeWarning, stacklevel=stacklevel)
 
 
 def double_backward_error(owner: str) -> RuntimeError:

@@ -117,13 +117,14 @@ def test_ops_bad_input(backend):
     bins = (1, 2)
     z = torch.randn(1, 4, 5, 5, device=dev)
     q = torch.randn(1, 4, 9, 5, device=dev)
-    with pytest.raises(RuntimeError, match="q of shape"):
+    # The shared checker's exceptions and text (pspnet_fast/_checks.py, csrc/op_checks.h; tests/ops/test_checks.py).
+    with pytest.raises(ValueError, match="q must be of shape"):
         k.head_epilogue(z, q[..., :4], bins, True, None, None, False)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="q must be torch.float32 for torch.float32 z, got torch.float64"):
         k.head_epilogue(z, q.double(), bins, True, None, None, False)
-    with pytest.raises(RuntimeError, match="together"):
+    with pytest.raises(ValueError, match="together"):
         k.head_epilogue(z, q, bins, True, torch.ones(4, device=dev), None, False)
-    with pytest.raises(RuntimeError, match=r"\(N, O, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(N, O, H, W\)"):
         k.head_context_backward(z[0], bins, True)
 
 
