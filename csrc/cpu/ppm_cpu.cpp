@@ -156,49 +156,82 @@ void finish_bins(const acc_t* seg, int64_t nsw, const Segments& sh, const Segmen
   }
 }
 
+// The segment sums of one contiguous (H x W) plane px, then its S bin means into out (stride 1). Rows of one row
+// segment are added into a W-wide column sum (a contiguous, vectorized add), which is cut into column segments when
+// the row segment ends; rows_done(h0, h1) is called then, while rows [h0, h1) are in cache (ppm_forward stores them
+// into its output there). seg (nsh * nsw) and colsum (W) are the caller's scratch.
+struct NoRows {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename scalar_t, typename acc_t, typename RowsFn = NoRows>
+inline void pool_plane(const scalar_t* px, int64_t W, at::IntArrayRef bins, const Segments& sh, const Segments& sw,
+                       acc_t* seg, acc_t* colsum, acc_t* out, const RowsFn& rows_done = RowsFn()) {
+  const int64_t nsh = sh.size(), nsw = sw.size();
+  for (int64_t u = 0; u < nsh; ++u) {
+    acc_t* cs = colsum;
+    const scalar_t* row = px + sh.bounds[u] * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<acc_t>(row[w]);
+    for (int64_t h = sh.bounds[u] + 1; h < sh.bounds[u + 1]; ++h) {
+      row = px + h * W;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<acc_t>(row[w]);
+    }
+    for (int64_t v = 0; v < nsw; ++v) {
+      acc_t t = 0;
+      for (int64_t w = sw.bounds[v]; w < sw.bounds[v + 1]; ++w) t += cs[w];
+      seg[u * nsw + v] = t;
+    }
+    rows_done(sh.bounds[u], sh.bounds[u + 1]);
+  }
+  finish_bins<acc_t>(seg, nsw, sh, sw, bins, out, 1);
+}
+
 template <typename scalar_t>
 void pyramid_pool_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
-  const int64_t nsh = sh.size(), nsw = sw.size();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
-  // One task per (n, c) plane, read once, row by row: rows of one row segment are added into a W-wide column sum
-  // (a contiguous, vectorized add), which is cut into column segments when the row segment ends.
+  // One task per (n, c) plane, read once, row by row.
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> seg(nsh * nsw);
+    std::vector<acc_t> seg(sh.size() * sw.size());
     std::vector<acc_t> colsum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* px = xp + plane * H * W;
-      for (int64_t u = 0; u < nsh; ++u) {
-        acc_t* cs = colsum.data();
-        const scalar_t* row = px + sh.bounds[u] * W;
-#pragma omp simd
-        for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<acc_t>(row[w]);
-        for (int64_t h = sh.bounds[u] + 1; h < sh.bounds[u + 1]; ++h) {
-          row = px + h * W;
-#pragma omp simd
-          for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<acc_t>(row[w]);
-        }
-        for (int64_t v = 0; v < nsw; ++v) {
-          acc_t t = 0;
-          for (int64_t w = sw.bounds[v]; w < sw.bounds[v + 1]; ++w) t += cs[w];
-          seg[u * nsw + v] = t;
-        }
-      }
-      finish_bins<acc_t>(seg.data(), nsw, sh, sw, bins, op + plane * S, 1);
+      pool_plane<scalar_t, acc_t>(xp + plane * H * W, W, bins, sh, sw, seg.data(), colsum.data(), op + plane * S);
     }
   });
 }
 
-template <typename scalar_t>
-void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
+// Channel blocks for the channels_last pooling: as long as the (nsh * nsw * CB) accumulators allow within ~256 KB
+// (L2), so long contiguous runs of each pixel's channels stream well, at least 16 channels so the adds vectorize, and
+// at least as many blocks over the batch as there are threads (2048 channels at N = 1 were one block of 1808 and one
+// of 240: one thread did 88% of the work). Each channel's sum runs in the same order whatever the block.
+inline int64_t nhwc_channel_block(int64_t N, int64_t C, int64_t nseg) {
+  const int64_t cb_max = std::max<int64_t>(16, (65536 / nseg) / 16 * 16);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nblocks = std::max<int64_t>((C + cb_max - 1) / cb_max, (threads + N - 1) / N);
+  const int64_t cb = ((C + nblocks - 1) / nblocks + 15) / 16 * 16;
+  return std::min<int64_t>(C, std::min(cb, cb_max));
+}
+
+// Pools channels_last x (N, H, W, C in memory) into out (N, C, S). copy.pixel(n, h, w, c0, src, cb) is called with
+// each pixel's run of cb channels right after they are added (ppm_forward stores them into its output there: x is
+// read from memory once), copy.finish() at the end of each thread's tasks; pyramid_pool passes NoCopy.
+struct NoCopy {
+  template <typename scalar_t>
+  void pixel(int64_t, int64_t, int64_t, int64_t, const scalar_t*, int64_t) const {}
+  void finish() const {}
+};
+
+template <typename scalar_t, typename CopyFn>
+void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out,
+                       const CopyFn& copy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
   const int64_t nsh = sh.size(), nsw = sw.size();
-  // Channel blocks as long as the (nsh * nsw * CB) accumulators allow within ~256 KB (L2): long contiguous runs of
-  // each pixel's channels stream well; at least 16 channels so the adds vectorize.
-  const int64_t CB = std::min<int64_t>(C, std::max<int64_t>(16, (65536 / (nsh * nsw)) / 16 * 16));
+  const int64_t CB = nhwc_channel_block(N, C, nsh * nsw);
   const int64_t nblocks = (C + CB - 1) / CB;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
@@ -217,6 +250,7 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
           const scalar_t* px = row + w * C;
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<acc_t>(px[c]);
+          copy.pixel(n, h, w, c0, px, cb);
         }
       }
       for (int64_t c = 0; c < cb; ++c) {
@@ -224,6 +258,7 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
         finish_bins<acc_t>(one.data(), nsw, sh, sw, bins, op + (n * C + c0 + c) * S, 1);
       }
     }
+    copy.finish();
   });
 }
 
@@ -240,7 +275,7 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
   const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_cpu", [&] {
     if (cl) {
-      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, out);
+      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, out, NoCopy());
     } else {
       pyramid_pool_nchw<scalar_t>(x, bins, sh, sw, out);
     }
@@ -302,14 +337,18 @@ __attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, co
   }
 }
 
-// Copies n floats to dst with non-temporal stores: an output far larger than the caches is written without first
+// Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
 // reading each destination line (write-allocate), which halves the write traffic. The caller fences (_mm_sfence)
 // before other threads may read dst.
-__attribute__((target("avx2"))) void stream_store_f32(float* dst, const float* src, int64_t n) {
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = src[i];
+__attribute__((target("avx2"))) void stream_store_bytes(char* dst, const char* src, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, (32 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 31)) & 31);
+  std::memcpy(dst, src, head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+  std::memcpy(dst + i, src + i, n - i);
 }
 
 void stream_fence() { _mm_sfence(); }
@@ -317,18 +356,16 @@ void stream_fence() { _mm_sfence(); }
 #define PSP_X86_SMALL_GEMM 0
 #endif
 
-// Outputs at least this large are written with streaming stores where the CPU allows (float32 only).
+// Outputs at least this large are written with streaming stores where the CPU allows.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 // Writes n values from src (already in the output type) to dst, streaming when `stream`.
 template <typename scalar_t>
 inline void store_block(scalar_t* dst, const scalar_t* src, int64_t n, bool stream) {
 #if PSP_X86_SMALL_GEMM
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (stream) {
-      stream_store_f32(dst, src, n);
-      return;
-    }
+  if (stream) {
+    stream_store_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(scalar_t));
+    return;
   }
 #endif
   (void)stream;
@@ -345,8 +382,7 @@ inline void store_fence(bool stream) {
 
 inline bool use_streaming(const at::Tensor& out) {
 #if PSP_X86_SMALL_GEMM
-  return out.scalar_type() == at::kFloat && out.nbytes() >= static_cast<size_t>(kStreamBytes) &&
-         __builtin_cpu_supports("avx2");
+  return out.nbytes() >= static_cast<size_t>(kStreamBytes) && __builtin_cpu_supports("avx2");
 #else
   (void)out;
   return false;
@@ -360,29 +396,36 @@ Tensor mm_no_autocast(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// The arguments of ppm_reduce next to pooled (N, C, S) of dtype pooled_type: weight (L, R, C) with L = len(bins),
+// scale and shift (L, R) or neither, all of pooled's dtype (float32 or float64).
+void check_reduce_args(int64_t C, int64_t S, at::ScalarType pooled_type, const Tensor& weight,
+                       const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift, at::IntArrayRef bins) {
+  TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
+  const int64_t L = weight.size(0), R = weight.size(1);
+  TORCH_CHECK(L == static_cast<int64_t>(bins.size()) && weight.size(2) == C,
+              "pspnet_fast: expected weight of shape (", bins.size(), ", R, ", C, "), got ", weight.sizes());
+  TORCH_CHECK(S == total_bins(bins), "pspnet_fast: expected pooled with ", total_bins(bins), " bins, got ", S);
+  TORCH_CHECK(pooled_type == weight.scalar_type() && (pooled_type == at::kFloat || pooled_type == at::kDouble),
+              "pspnet_fast: expected float32 or float64 pooled and weight of one dtype, got ", pooled_type, " and ",
+              weight.scalar_type());
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "pspnet_fast: scale and shift come together");
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
+                    scale->scalar_type() == pooled_type && shift->scalar_type() == pooled_type,
+                "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled_type,
+                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ", shift->scalar_type());
+  }
+}
+
 // All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
 // platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
 Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
                       const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
   check_bins(bins);
   TORCH_CHECK(pooled.dim() == 3, "pspnet_fast: expected pooled of shape (N, C, S), got ", pooled.sizes());
-  TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
+  check_reduce_args(pooled.size(1), pooled.size(2), pooled.scalar_type(), weight, scale, shift, bins);
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pooled.size(2);
   const int64_t L = weight.size(0), R = weight.size(1);
-  TORCH_CHECK(L == static_cast<int64_t>(bins.size()) && weight.size(2) == C,
-              "pspnet_fast: expected weight of shape (", bins.size(), ", R, ", C, "), got ", weight.sizes());
-  TORCH_CHECK(S == total_bins(bins), "pspnet_fast: expected pooled with ", total_bins(bins), " bins, got ", S);
-  TORCH_CHECK(pooled.scalar_type() == weight.scalar_type() &&
-                  (pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble),
-              "pspnet_fast: expected float32 or float64 pooled and weight of one dtype, got ", pooled.scalar_type(),
-              " and ", weight.scalar_type());
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "pspnet_fast: scale and shift come together");
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
-                    scale->scalar_type() == pooled.scalar_type() && shift->scalar_type() == pooled.scalar_type(),
-                "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled.scalar_type(),
-                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ", shift->scalar_type());
-  }
   Tensor out = at::empty({N, R, S}, pooled.options());
   if (N == 0) return out;
   const Tensor p = pooled.contiguous();
@@ -434,9 +477,11 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
   return out;
 }
 
+// write_x false: only the level planes are written (ppm_forward has written x's planes in its pooling pass; x's data
+// is not read).
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          bool x_last, Tensor& out) {
+                          bool x_last, Tensor& out, bool write_x = true) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -444,7 +489,7 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const std::vector<Taps<acc_t>>& th = lt.th;
   const std::vector<Taps<acc_t>>& tw = lt.tw;
   const std::vector<int64_t>& offs = lt.offs;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* xp = write_x ? x.const_data_ptr<scalar_t>() : nullptr;
   const lvl_t* yp = levels.const_data_ptr<lvl_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = H * W;
@@ -452,12 +497,13 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
   // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from
   // one level map into a plane-sized scratch (cache-resident) and then stored in one sweep.
-  at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
+  const int64_t planes = write_x ? CO : L * R;  // per image
+  at::parallel_for(0, N * planes, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
     std::vector<scalar_t> plane_buf(HW);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / CO, c = plane % CO;
-      scalar_t* dst = op + plane * HW;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / planes, c = write_x ? task % planes : l0 + task % planes;
+      scalar_t* dst = op + (n * CO + c) * HW;
       if (c >= x0 && c < x0 + C) {
         store_block(dst, xp + (n * C + c - x0) * HW, HW, stream);
         continue;
@@ -487,9 +533,10 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   });
 }
 
+// write_x false: only each pixel's L*R level channels are written (as in upsample_concat_nchw).
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          bool x_last, Tensor& out) {
+                          bool x_last, Tensor& out, bool write_x = true) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -500,7 +547,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   // (N, R, S) -> (N, S, R) in the accumulation type so the R channels of one bin are contiguous, as the output's.
   const Tensor yt = levels.to(c10::CppTypeToScalarType<acc_t>::value).transpose(1, 2).contiguous();
   const acc_t* yp = yt.const_data_ptr<acc_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* xp = write_x ? x.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool stream = use_streaming(out);
   const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
@@ -511,7 +558,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, h = row % H;
       for (int64_t w = 0; w < W; ++w) {
-        std::memcpy(pix.data() + x0, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
+        if (write_x) std::memcpy(pix.data() + x0, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
         for (int64_t l = 0; l < L; ++l) {
           const int64_t b = bins[l];
           const acc_t* base = yp + (n * S + offs[l]) * R;
@@ -526,7 +573,11 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
             d[r] = static_cast<scalar_t>(lh0 * (lw0 * v00[r] + lw1 * v01[r]) + lh1 * (lw0 * v10[r] + lw1 * v11[r]));
           }
         }
-        store_block(op + ((n * H + h) * W + w) * CO, pix.data(), CO, stream);
+        if (write_x) {
+          store_block(op + ((n * H + h) * W + w) * CO, pix.data(), CO, stream);
+        } else {
+          store_block(op + ((n * H + h) * W + w) * CO + l0, pix.data() + l0, L * R, stream);
+        }
       }
     }
     store_fence(stream);
@@ -560,6 +611,113 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
         upsample_concat_nchw<scalar_x, scalar_t>(x, levels, bins, align_corners, x_last, out);
       }
     });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The eval forward with x read once: pass 1 pools x and stores it into its channels of out while it is in cache;
+// then ppm_reduce (the op's own code: the levels are the composition's, bit for bit); pass 2 writes only the level
+// channels (upsample_concat's code with write_x false).
+// ---------------------------------------------------------------------------------------------------------------
+
+// Pass 1, NCHW out: one task per (n, c) plane of x, at any strides. A contiguous plane is pooled in place and each row
+// segment stored into out's plane x0 + c right after it is added (from L1/L2, streaming); other strides are gathered
+// into a contiguous plane first (x is still read from memory once), so the pooled values are pyramid_pool's on
+// x.contiguous().
+template <typename scalar_t>
+void pool_copy_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& pooled,
+                    Tensor& out, int64_t x0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = pooled.size(2), CO = out.size(1);
+  const int64_t HW = H * W;
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const bool dense = (H == 1 || sH == W) && (W == 1 || sW == 1);  // every plane contiguous
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* pp = pooled.mutable_data_ptr<acc_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const bool stream = use_streaming(out);
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> seg(sh.size() * sw.size()), colsum(W);
+    std::vector<scalar_t> buf(dense ? 0 : HW);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const scalar_t* src = xp + n * sN + c * sC;
+      scalar_t* dst = op + (n * CO + x0 + c) * HW;
+      if (dense) {
+        pool_plane<scalar_t, acc_t>(src, W, bins, sh, sw, seg.data(), colsum.data(), pp + plane * S,
+                                    [&](int64_t h0, int64_t h1) {
+                                      store_block(dst + h0 * W, src + h0 * W, (h1 - h0) * W, stream);
+                                    });
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* row = src + h * sH;
+        scalar_t* b = buf.data() + h * W;
+        if (sW == 1) {
+          std::memcpy(b, row, W * sizeof(scalar_t));
+        } else {
+          for (int64_t w = 0; w < W; ++w) b[w] = row[w * sW];
+        }
+      }
+      pool_plane<scalar_t, acc_t>(buf.data(), W, bins, sh, sw, seg.data(), colsum.data(), pp + plane * S);
+      store_block(dst, buf.data(), HW, stream);
+    }
+    store_fence(stream);
+  });
+}
+
+// Pass 1, channels_last: pyramid_pool_nhwc, storing each pixel's run of channels into out (N, H, W, CO) at channel
+// x0 + c0 as soon as it is added.
+template <typename scalar_t>
+struct StreamCopy {
+  scalar_t* op;
+  int64_t H, W, CO, x0;
+  bool stream;
+  void pixel(int64_t n, int64_t h, int64_t w, int64_t c0, const scalar_t* src, int64_t cb) const {
+    store_block(op + ((n * H + h) * W + w) * CO + x0 + c0, src, cb, stream);
+  }
+  void finish() const { store_fence(stream); }
+};
+
+Tensor ppm_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scale,
+                       const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu, bool align_corners,
+                       bool x_last) {
+  check_map(x, "x", "C");
+  check_bins(bins);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!scale.has_value() || scale->device().is_cpu()) &&
+                  (!shift.has_value() || shift->device().is_cpu()),
+              "pspnet_fast: ppm_forward_cpu expects CPU tensors, got x on ", x.device(), " and weight on ",
+              weight.device());
+  const auto acc_type = acc_type_of(x.scalar_type());
+  const int64_t S = total_bins(bins);
+  check_reduce_args(x.size(1), S, acc_type, weight, scale, shift, bins);
+  const bool cl = is_channels_last(x);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t L = static_cast<int64_t>(bins.size()), R = weight.size(1), CO = C + L * R;
+  const std::vector<int64_t> out_strides =
+      cl ? std::vector<int64_t>{CO * H * W, 1, W * CO, CO} : std::vector<int64_t>{CO * H * W, H * W, W, 1};
+  Tensor out = OutputCache::get().empty({N, CO, H, W}, out_strides, x.options());
+  if (N == 0) return out;
+  Tensor pooled = at::empty({N, C, S}, x.options().dtype(acc_type));
+  const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
+  const int64_t x0 = x_last ? L * R : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_pool", [&] {
+    if (cl) {
+      const StreamCopy<scalar_t> copy{out.mutable_data_ptr<scalar_t>(), H, W, CO, x0, use_streaming(out)};
+      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, pooled, copy);
+    } else {
+      pool_copy_nchw<scalar_t>(x, bins, sh, sw, pooled, out, x0);
+    }
+  });
+  const Tensor levels = ppm_reduce_cpu(pooled, weight, scale, shift, bins, relu);  // (N, R, S), acc_type
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_levels", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (cl) {
+      upsample_concat_nhwc<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    } else {
+      upsample_concat_nchw<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    }
   });
   return out;
 }
@@ -869,6 +1027,7 @@ TORCH_LIBRARY_IMPL(pspnet_fast, CPU, m) {
   m.impl("upsample_concat", &upsample_concat_cpu);
   m.impl("upsample_concat_backward", &upsample_concat_backward_cpu);
   m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
+  m.impl("ppm_forward", &ppm_forward_cpu);
 }
 
 }  // namespace pspnet_fast
