@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -692,6 +693,9 @@ Tensor ppm_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optiona
   const auto acc_type = acc_type_of(x.scalar_type());
   const int64_t S = total_bins(bins);
   check_reduce_args(x.size(1), S, acc_type, weight, scale, shift, bins);
+  // An eval op without an autograd formula: the ATen calls inside (ppm_reduce's mm_out) run below autograd even when
+  // the caller's weights require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool cl = is_channels_last(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t L = static_cast<int64_t>(bins.size()), R = weight.size(1), CO = C + L * R;
