@@ -289,53 +289,75 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
 #include <immintrin.h>
 
 constexpr int64_t kSmallGemmCols = 64;
+constexpr int kSmallGemmRows = 4;
 
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 
-// Y[r, k] = sum_c W[r, c] * PT[k, c] for rows [r0, r1) and KN columns at once: W's row is loaded once per 8 channels
-// and multiplied into KN accumulators (registers), PT (K x C, small) stays in cache.
-template <int KN>
+// Whether a float32 level GEMM with `cols` columns (N * b^2) runs the hand-written kernel rather than at::mm.
+bool use_small_gemm(int64_t cols) { return cols <= kSmallGemmCols && cpu_has_avx2_fma(); }
+
+// Y[r, k] = sum_c W[r, c] * PT[k, c] for RB rows and KN columns at once, RB * KN accumulators in registers: each
+// 8-channel load of a W row feeds KN FMAs, each load of PT feeds RB, so PT (K x C, small) is read from L2 once per
+// RB rows. Every (r, k) is summed the same way (8-lane partial sums over c, a fixed horizontal sum, then the C % 8
+// tail), whatever the blocking: a row's values do not depend on RB, KN or the thread split.
+template <int RB, int KN>
 __attribute__((target("avx2,fma"))) void small_gemm_block(const float* w, const float* pt, float* y, int64_t C,
                                                           int64_t K) {
-  __m256 acc[KN];
-  for (int j = 0; j < KN; ++j) acc[j] = _mm256_setzero_ps();
+  __m256 acc[RB][KN];
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < KN; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + c);
-    for (int j = 0; j < KN; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pt + j * C + c), acc[j]);
+    __m256 wv[RB];
+    for (int i = 0; i < RB; ++i) wv[i] = _mm256_loadu_ps(w + i * C + c);
+    for (int j = 0; j < KN; ++j) {
+      const __m256 pv = _mm256_loadu_ps(pt + j * C + c);
+      for (int i = 0; i < RB; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], pv, acc[i][j]);
+    }
   }
-  for (int j = 0; j < KN; ++j) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    float sum = _mm_cvtss_f32(lo);
-    for (int64_t t = c; t < C; ++t) sum += w[t] * pt[j * C + t];
-    y[j] = sum;
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < KN; ++j) {
+      __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+      float sum = _mm_cvtss_f32(lo);
+      for (int64_t t = c; t < C; ++t) sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]),
+                                                                       _mm_set_ss(pt[j * C + t]), _mm_set_ss(sum)));
+      y[i * K + j] = sum;
+    }
   }
-  (void)K;
+}
+
+// Rows [r0, r1) of one RB-row block's columns, KN at a time (the last group narrower).
+template <int RB>
+__attribute__((target("avx2,fma"))) void small_gemm_cols(const float* w, const float* PT, float* y, int64_t C,
+                                                         int64_t K) {
+  constexpr int KN = RB == 1 ? 8 : 12 / RB;
+  int64_t k0 = 0;
+  for (; k0 + KN <= K; k0 += KN) small_gemm_block<RB, KN>(w, PT + k0 * C, y + k0, C, K);
+  const float* pt = PT + k0 * C;
+  switch (K - k0) {
+    case 7: small_gemm_block<RB, 7 < KN ? 7 : 1>(w, pt, y + k0, C, K); break;
+    case 6: small_gemm_block<RB, 6 < KN ? 6 : 1>(w, pt, y + k0, C, K); break;
+    case 5: small_gemm_block<RB, 5 < KN ? 5 : 1>(w, pt, y + k0, C, K); break;
+    case 4: small_gemm_block<RB, 4 < KN ? 4 : 1>(w, pt, y + k0, C, K); break;
+    case 3: small_gemm_block<RB, 3 < KN ? 3 : 1>(w, pt, y + k0, C, K); break;
+    case 2: small_gemm_block<RB, 2 < KN ? 2 : 1>(w, pt, y + k0, C, K); break;
+    case 1: small_gemm_block<RB, 1>(w, pt, y + k0, C, K); break;
+    default: break;
+  }
 }
 
 __attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
                                                               int64_t r1, int64_t C, int64_t K) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* w = W + r * C;
-    float* y = Y + r * K;
-    int64_t k0 = 0;
-    for (; k0 + 8 <= K; k0 += 8) small_gemm_block<8>(w, PT + k0 * C, y + k0, C, K);
-    switch (K - k0) {
-      case 7: small_gemm_block<7>(w, PT + k0 * C, y + k0, C, K); break;
-      case 6: small_gemm_block<6>(w, PT + k0 * C, y + k0, C, K); break;
-      case 5: small_gemm_block<5>(w, PT + k0 * C, y + k0, C, K); break;
-      case 4: small_gemm_block<4>(w, PT + k0 * C, y + k0, C, K); break;
-      case 3: small_gemm_block<3>(w, PT + k0 * C, y + k0, C, K); break;
-      case 2: small_gemm_block<2>(w, PT + k0 * C, y + k0, C, K); break;
-      case 1: small_gemm_block<1>(w, PT + k0 * C, y + k0, C, K); break;
-      default: break;
-    }
-  }
+  constexpr int RB = kSmallGemmRows;
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) small_gemm_cols<RB>(W + r * C, PT, Y + r * K, C, K);
+  for (; r < r1; ++r) small_gemm_cols<1>(W + r * C, PT, Y + r * K, C, K);
 }
 
 // Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
@@ -433,48 +455,67 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
   const Tensor wt = weight.contiguous();
   const Tensor scale_c = scale.has_value() ? scale->contiguous() : Tensor();
   const Tensor shift_c = scale.has_value() ? shift->contiguous() : Tensor();
-  int64_t off = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t s = bins[l] * bins[l];
-    // (N, C, s) -> (C, N * s): one GEMM for all images of this level.
-    const Tensor pl = p.narrow(2, off, s).permute({1, 0, 2}).reshape({C, N * s});
-    Tensor yl;  // (R, N * s)
-#if PSP_X86_SMALL_GEMM
-    if (out.scalar_type() == at::kFloat && N * s <= kSmallGemmCols && cpu_has_avx2_fma()) {
-      // BLAS runs these thin products (4-36 columns) at ~10 GFLOP/s here; they are bound by reading W_l once.
-      const Tensor plt = pl.t().contiguous();  // (N * s, C)
-      yl = at::empty({R, N * s}, out.options());
-      const float* w = wt.const_data_ptr<float>() + l * R * C;
-      float* y = yl.mutable_data_ptr<float>();
-      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-        small_gemm_rows_avx2(w, plt.const_data_ptr<float>(), y, r0, r1, C, N * s);
-      });
-    } else {
-      yl = mm_no_autocast(wt.select(0, l), pl);
-    }
-#else
-    yl = mm_no_autocast(wt.select(0, l), pl);
-#endif
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
-      const scalar_t* y = yl.const_data_ptr<scalar_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  std::vector<int64_t> offs;
+  for (int64_t l = 0, off = 0; l < L; off += bins[l] * bins[l], ++l) offs.push_back(off);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Rows [r0, r1) of level l from its GEMM result y (R, N * s) into out, through the folded BatchNorm and ReLU.
+    auto epilogue = [&](int64_t l, const scalar_t* y, int64_t r0, int64_t r1) {
+      const int64_t s = bins[l] * bins[l], off = offs[l];
       const scalar_t* sc = scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() + l * R : nullptr;
       const scalar_t* sf = shift_c.defined() ? shift_c.const_data_ptr<scalar_t>() + l * R : nullptr;
-      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t n = 0; n < N; ++n) {
-            for (int64_t k = 0; k < s; ++k) {
-              scalar_t v = y[r * N * s + n * s + k];
-              if (sc) v = v * sc[r] + sf[r];
-              if (relu) v = relu_nan(v);
-              o[(n * R + r) * S + off + k] = v;
-            }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < s; ++k) {
+            scalar_t v = y[r * N * s + n * s + k];
+            if (sc) v = v * sc[r] + sf[r];
+            if (relu) v = relu_nan(v);
+            o[(n * R + r) * S + off + k] = v;
           }
         }
-      });
-    });
-    off += s;
-  }
+      }
+    };
+    // (N, C, s) -> (C, N * s): one GEMM per level for all images.
+    auto level_cols = [&](int64_t l) {
+      return p.narrow(2, offs[l], bins[l] * bins[l]).permute({1, 0, 2}).reshape({C, N * bins[l] * bins[l]});
+    };
+    std::vector<int64_t> small;  // levels for the hand-written GEMM
+    for (int64_t l = 0; l < L; ++l) {
+      const Tensor yl = level_cols(l);
+#if PSP_X86_SMALL_GEMM
+      if (std::is_same_v<scalar_t, float> && use_small_gemm(N * bins[l] * bins[l])) {
+        small.push_back(l);
+        continue;
+      }
+#endif
+      const Tensor y = mm_no_autocast(wt.select(0, l), yl);  // (R, N * s)
+      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
+    }
+#if PSP_X86_SMALL_GEMM
+    if (!small.empty()) {
+      {
+        // Every hand-written level in one parallel region (one fork-join, not two per level): each task runs its
+        // rows of every such level, then their epilogue, while the rows' results are in cache.
+        std::vector<Tensor> pts, ys;
+        for (int64_t l : small) {
+          pts.push_back(level_cols(l).t().contiguous());  // (N * s, C)
+          ys.push_back(at::empty({R, N * bins[l] * bins[l]}, out.options()));
+        }
+        at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+          for (size_t i = 0; i < small.size(); ++i) {
+            const int64_t l = small[i];
+            // (float: scalar_t is float here; the casts only let the float64 instantiation compile)
+            scalar_t* y = ys[i].mutable_data_ptr<scalar_t>();
+            small_gemm_rows_avx2(reinterpret_cast<const float*>(wt.const_data_ptr<scalar_t>()) + l * R * C,
+                                 reinterpret_cast<const float*>(pts[i].const_data_ptr<scalar_t>()),
+                                 reinterpret_cast<float*>(y), r0, r1, C, N * bins[l] * bins[l]);
+            epilogue(l, y, r0, r1);
+          }
+        });
+      }
+    }
+#endif
+  });
   return out;
 }
 
