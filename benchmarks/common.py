@@ -434,7 +434,8 @@ def _copy_probe(case: Case):
 def _floor_probe(x: torch.Tensor, out_shape: Sequence[int]):
     """The least an eval PPM forward can do, measured in the same run: read x once and write the output once, into a
     preallocated output in x's memory format (out[:, :C] = x, the rest zeroed: no page faults, plain stores, as
-    torch's copy_ and zero_ run them), for an output (N, >= C, H, W) that holds x's channels. Returns the callable, or None for other output shapes."""
+    torch's copy_ and zero_ run them), for an output (N, >= C, H, W) that holds x's channels. Returns the callable,
+    or None for other output shapes."""
     n, c, h, w = x.shape
     if len(out_shape) != 4 or out_shape[0] != n or out_shape[1] < c or tuple(out_shape[2:]) != (h, w):
         return None
