@@ -288,7 +288,7 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
 #define PSP_X86_SMALL_GEMM 1
 #include <immintrin.h>
 
-constexpr int64_t kSmallGemmCols = 64;
+constexpr int64_t kSmallGemmCols = 36;  // most columns of the hand-written GEMM (see use_small_gemm)
 constexpr int kSmallGemmRows = 4;
 
 bool cpu_has_avx2_fma() {
@@ -296,59 +296,83 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// Whether a float32 level GEMM with `cols` columns (N * b^2) runs the hand-written kernel rather than at::mm.
-bool use_small_gemm(int64_t cols) { return cols <= kSmallGemmCols && cpu_has_avx2_fma(); }
+// Whether a float32 level GEMM (R x C) @ (C x cols), cols = N * b^2, runs the hand-written kernel rather than at::mm
+// (MKL in this torch build). Measured at R = 512, C = 2048 (the PSPNet PPM), one thread, caches flushed before each
+// call (the weights come from DRAM, as in the PPM), time of at::mm / time of the hand-written kernel (both through
+// ppm_reduce's path; 2-core AMD EPYC, torch 2.14.1, benchmarks/results/cpu-ppm-forward.txt):
+//   cols  1: 0.89 (at::mm's GEMV wins)   2: 1.19   4: 2.26   8: 1.70   9: 2.42   18: 1.08   36: 1.02   72: 0.90
+// all four levels: 2.36x at N = 1, 1.41x at N = 2. So the hand-written kernel runs 2..36 columns, at::mm the rest.
+// float64 always runs at::mm (no hand-written kernel).
+constexpr int64_t kSmallGemmMinCols = 2;
+bool use_small_gemm(int64_t cols) {
+  return cols >= kSmallGemmMinCols && cols <= kSmallGemmCols && cpu_has_avx2_fma();
+}
 
-// Y[r, k] = sum_c W[r, c] * PT[k, c] for RB rows and KN columns at once, RB * KN accumulators in registers: each
-// 8-channel load of a W row feeds KN FMAs, each load of PT feeds RB, so PT (K x C, small) is read from L2 once per
-// RB rows. Every (r, k) is summed the same way (8-lane partial sums over c, a fixed horizontal sum, then the C % 8
-// tail), whatever the blocking: a row's values do not depend on RB, KN or the thread split.
+// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C, K <= kSmallGemmCols) for RB rows at once. Channels are
+// cut into blocks small enough that the block's RB W rows and K PT rows stay in L1; within a block, KN columns at a
+// time run with RB * KN accumulators in registers (each 8-channel load of W feeds KN FMAs, each load of PT feeds RB),
+// kept in `acc` between blocks. So W is read from memory once and from L1 K / KN times, PT from L2 once per RB rows.
+// Every (r, k) is summed the same way (8-lane partial sums over c in order, a fixed horizontal sum, then the C % 8
+// tail), whatever the blocking: a row's values do not depend on RB, KN, the block size or the thread split.
 template <int RB, int KN>
-__attribute__((target("avx2,fma"))) void small_gemm_block(const float* w, const float* pt, float* y, int64_t C,
-                                                          int64_t K) {
-  __m256 acc[RB][KN];
+__attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, const float* pt, __m256* acc,
+                                                                 int64_t c0, int64_t c1, int64_t C) {
+  __m256 a[RB][KN];
   for (int i = 0; i < RB; ++i) {
-    for (int j = 0; j < KN; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < KN; ++j) a[i][j] = acc[i * kSmallGemmCols + j];
   }
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
+  for (int64_t c = c0; c < c1; c += 8) {
     __m256 wv[RB];
     for (int i = 0; i < RB; ++i) wv[i] = _mm256_loadu_ps(w + i * C + c);
     for (int j = 0; j < KN; ++j) {
       const __m256 pv = _mm256_loadu_ps(pt + j * C + c);
-      for (int i = 0; i < RB; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], pv, acc[i][j]);
+      for (int i = 0; i < RB; ++i) a[i][j] = _mm256_fmadd_ps(wv[i], pv, a[i][j]);
     }
   }
   for (int i = 0; i < RB; ++i) {
-    for (int j = 0; j < KN; ++j) {
-      __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-      float sum = _mm_cvtss_f32(lo);
-      for (int64_t t = c; t < C; ++t) sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]),
-                                                                       _mm_set_ss(pt[j * C + t]), _mm_set_ss(sum)));
-      y[i * K + j] = sum;
-    }
+    for (int j = 0; j < KN; ++j) acc[i * kSmallGemmCols + j] = a[i][j];
   }
 }
 
-// Rows [r0, r1) of one RB-row block's columns, KN at a time (the last group narrower).
 template <int RB>
-__attribute__((target("avx2,fma"))) void small_gemm_cols(const float* w, const float* PT, float* y, int64_t C,
-                                                         int64_t K) {
+__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PT, float* y, int64_t C,
+                                                             int64_t K) {
   constexpr int KN = RB == 1 ? 8 : 12 / RB;
-  int64_t k0 = 0;
-  for (; k0 + KN <= K; k0 += KN) small_gemm_block<RB, KN>(w, PT + k0 * C, y + k0, C, K);
-  const float* pt = PT + k0 * C;
-  switch (K - k0) {
-    case 7: small_gemm_block<RB, 7 < KN ? 7 : 1>(w, pt, y + k0, C, K); break;
-    case 6: small_gemm_block<RB, 6 < KN ? 6 : 1>(w, pt, y + k0, C, K); break;
-    case 5: small_gemm_block<RB, 5 < KN ? 5 : 1>(w, pt, y + k0, C, K); break;
-    case 4: small_gemm_block<RB, 4 < KN ? 4 : 1>(w, pt, y + k0, C, K); break;
-    case 3: small_gemm_block<RB, 3 < KN ? 3 : 1>(w, pt, y + k0, C, K); break;
-    case 2: small_gemm_block<RB, 2 < KN ? 2 : 1>(w, pt, y + k0, C, K); break;
-    case 1: small_gemm_block<RB, 1>(w, pt, y + k0, C, K); break;
-    default: break;
+  __m256 acc[RB * kSmallGemmCols];  // acc[i * kSmallGemmCols + k]: row i, column k
+  for (int i = 0; i < RB; ++i) {
+    for (int64_t k = 0; k < K; ++k) acc[i * kSmallGemmCols + k] = _mm256_setzero_ps();
+  }
+  const int64_t C8 = C / 8 * 8;
+  // ~24 KB of PT per block (L1 holds 32 KB), at least 64 channels.
+  const int64_t CB = std::max<int64_t>(64, (6144 / K) / 8 * 8);
+  for (int64_t c0 = 0; c0 < C8; c0 += CB) {
+    const int64_t c1 = std::min(C8, c0 + CB);
+    int64_t k0 = 0;
+    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(w, PT + k0 * C, acc + k0, c0, c1, C);
+    const float* pt = PT + k0 * C;
+    switch (K - k0) {
+      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 1: small_gemm_step<RB, 1>(w, pt, acc + k0, c0, c1, C); break;
+      default: break;
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 v = acc[i * kSmallGemmCols + k];
+      __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+      float sum = _mm_cvtss_f32(lo);
+      for (int64_t t = C8; t < C; ++t) {
+        sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(PT[k * C + t]), _mm_set_ss(sum)));
+      }
+      y[i * K + k] = sum;
+    }
   }
 }
 
@@ -356,8 +380,8 @@ __attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, co
                                                               int64_t r1, int64_t C, int64_t K) {
   constexpr int RB = kSmallGemmRows;
   int64_t r = r0;
-  for (; r + RB <= r1; r += RB) small_gemm_cols<RB>(W + r * C, PT, Y + r * K, C, K);
-  for (; r < r1; ++r) small_gemm_cols<1>(W + r * C, PT, Y + r * K, C, K);
+  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PT, Y + r * K, C, K);
+  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PT, Y + r * K, C, K);
 }
 
 // Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
