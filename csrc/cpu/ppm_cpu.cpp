@@ -460,7 +460,8 @@ void check_reduce_args(int64_t C, int64_t S, at::ScalarType pooled_type, const T
     TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
                     scale->scalar_type() == pooled_type && shift->scalar_type() == pooled_type,
                 "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled_type,
-                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ", shift->scalar_type());
+                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ",
+                shift->scalar_type());
   }
 }
 
@@ -513,7 +514,9 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
       }
 #endif
       const Tensor y = mm_no_autocast(wt.select(0, l), yl);  // (R, N * s)
-      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
+      // Serial below ~32K values (a fork-join costs more than the loop; on a shared machine, much more).
+      const int64_t grain = std::max<int64_t>(64, 32768 / (N * bins[l] * bins[l]));
+      at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
     }
 #if PSP_X86_SMALL_GEMM
     if (!small.empty()) {
