@@ -1,6 +1,7 @@
 // CPU kernels of the fused Pyramid Pooling Module: at::parallel_for over independent output blocks, inner loops
 // over contiguous memory that the compiler vectorizes. Contiguous (NCHW) and channels_last (NHWC) inputs are read in
-// place; other strides are made contiguous first.
+// place; other strides are made contiguous first, except in ppm_forward (x read once: non-dense planes are gathered
+// one at a time).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
