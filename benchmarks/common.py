@@ -6,8 +6,9 @@ does the rest, identically for every workload:
 
 1. each provider's first call is checked against the reference eager provider in this same run (and, for float16 /
    bfloat16, against the float64 oracle); the first call of torch.compile is where it compiles;
-2. warm-up calls, then `rounds` rounds in which every provider (and a plain copy) runs once, in a fixed order, so
-   that machine noise (another process on a shared CPU, GPU clocks) hits all providers alike; median and min-max;
+2. warm-up calls, then `rounds` rounds in which every provider (and a plain copy, and for the PPM's eval the floor:
+   x read once and the output written once) runs once, in a fixed order, so that machine noise (another process on
+   a shared CPU, GPU clocks) hits all providers alike; median and min-max;
 3. one more call per provider under the peak-memory probe (outside the timed rounds: the probe itself perturbs the
    allocator and the page cache).
 """
@@ -125,6 +126,7 @@ class Case:
     deep: bool                        # gradients or convolutions after the PPM: the looser float tolerance
     oracle: Callable[[], list[torch.Tensor]] | None = None  # float64 truth (run for half types, or on disagreement)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # provider -> why it does not run here
+    floor: Callable[[], list[torch.Tensor]] | None = None  # read x once, write the output once (see _floor_probe)
     extra: dict = dataclasses.field(default_factory=dict)  # more JSON fields (e.g. the feature shape of pspnet)
 
 
@@ -281,6 +283,8 @@ def build_case(workload: str, shape: tuple[int, ...], dtype_name: str, device: s
                 skipped=skipped, extra=dict(extra or {}))
     if dtype in (torch.float16, torch.bfloat16, torch.float32):
         case.oracle = float64_oracle(ref, make_call, inputs)
+    # The floor is the PPM's eval (its output holds x's channels); the head's and the model's outputs do not.
+    case.floor = _floor_probe(x, out_shape) if workload == "ppm" else None
     return case
 
 
@@ -445,6 +449,27 @@ def _copy_probe(case: Case):
     return (lambda: [dst.copy_(src)]), 2 * n * 4
 
 
+def _floor_probe(x: torch.Tensor, out_shape: Sequence[int]):
+    """The least an eval PPM forward can do, measured in the same run: read x once and write the output once, into a
+    preallocated output in x's memory format (out[:, :C] = x, the rest zeroed: no page faults, plain stores, as
+    torch's copy_ and zero_ run them), for an output (N, >= C, H, W) that holds x's channels. Returns the callable,
+    or None for other output shapes."""
+    n, c, h, w = x.shape
+    if len(out_shape) != 4 or out_shape[0] != n or out_shape[1] < c or tuple(out_shape[2:]) != (h, w):
+        return None
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format
+    out = torch.empty(tuple(out_shape), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+    src = x.detach()
+
+    def call():
+        out[:, :c].copy_(src)
+        out[:, c:].zero_()
+        return [out]
+
+    return call
+
+
 def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable[[str], None]) -> tuple[list, dict]:
     """Runs the case; returns (rows, timings) where timings = {"wall_s", "compile_s"} feeds the skip estimates."""
     t_start = time.perf_counter()
@@ -494,6 +519,8 @@ def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable
     # 2. Warm-up, then interleaved rounds with the copy probe as one more provider.
     copy_fn, copy_bytes = _copy_probe(case)
     timed = {**live, "copy": copy_fn}
+    if case.floor is not None:
+        timed["floor"] = case.floor
     for name, fn in timed.items():
         for _ in range(warmup):
             fn()
@@ -534,6 +561,16 @@ def measure(case: Case, rounds: int, warmup: int, info: dict, progress: Callable
     rows.append({**base, "provider": "copy", "median_ms": med, "min_ms": lo, "max_ms": hi, "speedup_vs_eager": None,
                  "speedup_vs_compile": None, "roofline_fraction": 1.0, "peak_mem_bytes": None, "max_abs_err": None,
                  "wrong": False, "copy_bytes": copy_bytes, **common, **info})
+    if "floor" in stats:
+        med, lo, hi = stats["floor"]
+        for row in rows[:-1]:
+            if row.get("median_ms"):
+                row["vs_floor"] = row["median_ms"] / med  # times the read-x-once + write-once floor (< 1: faster)
+        rows.append({**base, "provider": "floor", "median_ms": med, "min_ms": lo, "max_ms": hi,
+                     "speedup_vs_eager": eager / med if eager else None,
+                     "speedup_vs_compile": compiled / med if compiled else None,
+                     "roofline_fraction": (case.must_move_bytes / bandwidth) / (med * 1e-3), "peak_mem_bytes": None,
+                     "max_abs_err": None, "wrong": False, **common, **info})
     for name, why in case.skipped.items():
         progress(f"{name}: not run ({why})")
     compile_s = 0.0

@@ -15,7 +15,7 @@ def _fmt_bytes(n) -> str:
 def format_table(rows: list[dict]) -> str:
     """One line per row; WRONG / FAILED marked in the error column, never dropped."""
     head = (f"{'workload':<10} {'shape':<15} {'dtype':<8} {'provider':<24} {'median ms':>10} {'spread ms':>19} "
-            f"{'vs eager':>8} {'vs compile':>10} {'roofline':>8} {'peak MiB':>9} {'max abs err':>12}")
+            f"{'vs eager':>8} {'vs compile':>10} {'roofline':>8} {'peak MiB':>9} {'max abs err':>12} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     prev = None
     for r in rows:
@@ -31,10 +31,14 @@ def format_table(rows: list[dict]) -> str:
         vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}" + (" WRONG" if r["wrong"] else "")
         spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
+        vf = f"{r['vs_floor']:.2f}x" if r.get("vs_floor") else "-"
         lines.append(
             f"{r['workload']:<10} {shape:<15} {r['dtype']:<8} {r['provider']:<24} {r['median_ms']:>10.2f} "
             f"{spread:>19} {ve:>8} {vc:>10} {r['roofline_fraction']:>8.2f} {_fmt_bytes(r['peak_mem_bytes']):>9} "
-            f"{err:>12}")
+            f"{err:>12} {vf:>7}")
+    if any(r["provider"] == "floor" for r in rows):
+        lines.append("floor: x read once and the output written once (out[:, :C].copy_(x); out[:, C:].zero_() into a "
+                     "preallocated output); x floor = median / the floor's median")
     return "\n".join(lines)
 
 

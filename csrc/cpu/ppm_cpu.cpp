@@ -1,9 +1,11 @@
 // CPU kernels of the fused Pyramid Pooling Module: at::parallel_for over independent output blocks, inner loops
 // over contiguous memory that the compiler vectorizes. Contiguous (NCHW) and channels_last (NHWC) inputs are read in
-// place; other strides are made contiguous first.
+// place; other strides are made contiguous first, except in ppm_forward (x read once: non-dense planes are gathered
+// one at a time).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -157,49 +159,82 @@ void finish_bins(const acc_t* seg, int64_t nsw, const Segments& sh, const Segmen
   }
 }
 
+// The segment sums of one contiguous (H x W) plane px, then its S bin means into out (stride 1). Rows of one row
+// segment are added into a W-wide column sum (a contiguous, vectorized add), which is cut into column segments when
+// the row segment ends; rows_done(h0, h1) is called then, while rows [h0, h1) are in cache (ppm_forward stores them
+// into its output there). seg (nsh * nsw) and colsum (W) are the caller's scratch.
+struct NoRows {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename scalar_t, typename acc_t, typename RowsFn = NoRows>
+inline void pool_plane(const scalar_t* px, int64_t W, at::IntArrayRef bins, const Segments& sh, const Segments& sw,
+                       acc_t* seg, acc_t* colsum, acc_t* out, const RowsFn& rows_done = RowsFn()) {
+  const int64_t nsh = sh.size(), nsw = sw.size();
+  for (int64_t u = 0; u < nsh; ++u) {
+    acc_t* cs = colsum;
+    const scalar_t* row = px + sh.bounds[u] * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<acc_t>(row[w]);
+    for (int64_t h = sh.bounds[u] + 1; h < sh.bounds[u + 1]; ++h) {
+      row = px + h * W;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<acc_t>(row[w]);
+    }
+    for (int64_t v = 0; v < nsw; ++v) {
+      acc_t t = 0;
+      for (int64_t w = sw.bounds[v]; w < sw.bounds[v + 1]; ++w) t += cs[w];
+      seg[u * nsw + v] = t;
+    }
+    rows_done(sh.bounds[u], sh.bounds[u + 1]);
+  }
+  finish_bins<acc_t>(seg, nsw, sh, sw, bins, out, 1);
+}
+
 template <typename scalar_t>
 void pyramid_pool_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
-  const int64_t nsh = sh.size(), nsw = sw.size();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
-  // One task per (n, c) plane, read once, row by row: rows of one row segment are added into a W-wide column sum
-  // (a contiguous, vectorized add), which is cut into column segments when the row segment ends.
+  // One task per (n, c) plane, read once, row by row.
   at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> seg(nsh * nsw);
+    std::vector<acc_t> seg(sh.size() * sw.size());
     std::vector<acc_t> colsum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* px = xp + plane * H * W;
-      for (int64_t u = 0; u < nsh; ++u) {
-        acc_t* cs = colsum.data();
-        const scalar_t* row = px + sh.bounds[u] * W;
-#pragma omp simd
-        for (int64_t w = 0; w < W; ++w) cs[w] = static_cast<acc_t>(row[w]);
-        for (int64_t h = sh.bounds[u] + 1; h < sh.bounds[u + 1]; ++h) {
-          row = px + h * W;
-#pragma omp simd
-          for (int64_t w = 0; w < W; ++w) cs[w] += static_cast<acc_t>(row[w]);
-        }
-        for (int64_t v = 0; v < nsw; ++v) {
-          acc_t t = 0;
-          for (int64_t w = sw.bounds[v]; w < sw.bounds[v + 1]; ++w) t += cs[w];
-          seg[u * nsw + v] = t;
-        }
-      }
-      finish_bins<acc_t>(seg.data(), nsw, sh, sw, bins, op + plane * S, 1);
+      pool_plane<scalar_t, acc_t>(xp + plane * H * W, W, bins, sh, sw, seg.data(), colsum.data(), op + plane * S);
     }
   });
 }
 
-template <typename scalar_t>
-void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out) {
+// Channel blocks for the channels_last pooling: as long as the (nsh * nsw * CB) accumulators allow within ~256 KB
+// (L2), so long contiguous runs of each pixel's channels stream well, at least 16 channels so the adds vectorize, and
+// at least as many blocks over the batch as there are threads (2048 channels at N = 1 were one block of 1808 and one
+// of 240: one thread did 88% of the work). Each channel's sum runs in the same order whatever the block.
+inline int64_t nhwc_channel_block(int64_t N, int64_t C, int64_t nseg) {
+  const int64_t cb_max = std::max<int64_t>(16, (65536 / nseg) / 16 * 16);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nblocks = std::max<int64_t>((C + cb_max - 1) / cb_max, (threads + N - 1) / N);
+  const int64_t cb = ((C + nblocks - 1) / nblocks + 15) / 16 * 16;
+  return std::min<int64_t>(C, std::min(cb, cb_max));
+}
+
+// Pools channels_last x (N, H, W, C in memory) into out (N, C, S). copy.pixel(n, h, w, c0, src, cb) is called with
+// each pixel's run of cb channels right after they are added (ppm_forward stores them into its output there: x is
+// read from memory once), copy.finish() at the end of each thread's tasks; pyramid_pool passes NoCopy.
+struct NoCopy {
+  template <typename scalar_t>
+  void pixel(int64_t, int64_t, int64_t, int64_t, const scalar_t*, int64_t) const {}
+  void finish() const {}
+};
+
+template <typename scalar_t, typename CopyFn>
+void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& out,
+                       const CopyFn& copy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = out.size(2);
   const int64_t nsh = sh.size(), nsw = sw.size();
-  // Channel blocks as long as the (nsh * nsw * CB) accumulators allow within ~256 KB (L2): long contiguous runs of
-  // each pixel's channels stream well; at least 16 channels so the adds vectorize.
-  const int64_t CB = std::min<int64_t>(C, std::max<int64_t>(16, (65536 / (nsh * nsw)) / 16 * 16));
+  const int64_t CB = nhwc_channel_block(N, C, nsh * nsw);
   const int64_t nblocks = (C + CB - 1) / CB;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
@@ -218,6 +253,7 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
           const scalar_t* px = row + w * C;
 #pragma omp simd
           for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<acc_t>(px[c]);
+          copy.pixel(n, h, w, c0, px, cb);
         }
       }
       for (int64_t c = 0; c < cb; ++c) {
@@ -225,6 +261,7 @@ void pyramid_pool_nhwc(const Tensor& x, at::IntArrayRef bins, const Segments& sh
         finish_bins<acc_t>(one.data(), nsw, sh, sw, bins, op + (n * C + c0 + c) * S, 1);
       }
     }
+    copy.finish();
   });
 }
 
@@ -242,7 +279,7 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
   const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_cpu", [&] {
     if (cl) {
-      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, out);
+      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, out, NoCopy());
     } else {
       pyramid_pool_nchw<scalar_t>(x, bins, sh, sw, out);
     }
@@ -254,64 +291,114 @@ Tensor pyramid_pool_cpu(const Tensor& x_in, at::IntArrayRef bins) {
 #define PSP_X86_SMALL_GEMM 1
 #include <immintrin.h>
 
-constexpr int64_t kSmallGemmCols = 64;
+constexpr int64_t kSmallGemmCols = 36;  // most columns of the hand-written GEMM (see use_small_gemm)
+constexpr int kSmallGemmRows = 4;
 
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 
-// Y[r, k] = sum_c W[r, c] * PT[k, c] for rows [r0, r1) and KN columns at once: W's row is loaded once per 8 channels
-// and multiplied into KN accumulators (registers), PT (K x C, small) stays in cache.
-template <int KN>
-__attribute__((target("avx2,fma"))) void small_gemm_block(const float* w, const float* pt, float* y, int64_t C,
-                                                          int64_t K) {
-  __m256 acc[KN];
-  for (int j = 0; j < KN; ++j) acc[j] = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + c);
-    for (int j = 0; j < KN; ++j) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pt + j * C + c), acc[j]);
-  }
-  for (int j = 0; j < KN; ++j) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    float sum = _mm_cvtss_f32(lo);
-    for (int64_t t = c; t < C; ++t) sum += w[t] * pt[j * C + t];
-    y[j] = sum;
-  }
-  (void)K;
+// Whether a float32 level GEMM (R x C) @ (C x cols), cols = N * b^2, runs the hand-written kernel rather than at::mm
+// (MKL in this torch build). Measured at R = 512, C = 2048 (the PSPNet PPM), one thread, caches flushed before each
+// call (the weights come from DRAM, as in the PPM), time of at::mm / time of the hand-written kernel (both through
+// ppm_reduce's path; 2-core AMD EPYC, torch 2.14.1, benchmarks/results/cpu-ppm-forward.txt):
+//   cols  1: 0.89 (at::mm's GEMV wins)   2: 1.19   4: 2.26   8: 1.70   9: 2.42   18: 1.08   36: 1.02   72: 0.90
+// all four levels: 2.36x at N = 1, 1.41x at N = 2. So the hand-written kernel runs 2..36 columns, at::mm the rest.
+// float64 always runs at::mm (no hand-written kernel).
+constexpr int64_t kSmallGemmMinCols = 2;
+bool use_small_gemm(int64_t cols) {
+  return cols >= kSmallGemmMinCols && cols <= kSmallGemmCols && cpu_has_avx2_fma();
 }
 
-__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
-                                                              int64_t r1, int64_t C, int64_t K) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* w = W + r * C;
-    float* y = Y + r * K;
+// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C, K <= kSmallGemmCols) for RB rows at once. Channels are
+// cut into blocks small enough that the block's RB W rows and K PT rows stay in L1; within a block, KN columns at a
+// time run with RB * KN accumulators in registers (each 8-channel load of W feeds KN FMAs, each load of PT feeds RB),
+// kept in `acc` between blocks. So W is read from memory once and from L1 K / KN times, PT from L2 once per RB rows.
+// Every (r, k) is summed the same way (8-lane partial sums over c in order, a fixed horizontal sum, then the C % 8
+// tail), whatever the blocking: a row's values do not depend on RB, KN, the block size or the thread split.
+template <int RB, int KN>
+__attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, const float* pt, __m256* acc,
+                                                                 int64_t c0, int64_t c1, int64_t C) {
+  __m256 a[RB][KN];
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < KN; ++j) a[i][j] = acc[i * kSmallGemmCols + j];
+  }
+  for (int64_t c = c0; c < c1; c += 8) {
+    __m256 wv[RB];
+    for (int i = 0; i < RB; ++i) wv[i] = _mm256_loadu_ps(w + i * C + c);
+    for (int j = 0; j < KN; ++j) {
+      const __m256 pv = _mm256_loadu_ps(pt + j * C + c);
+      for (int i = 0; i < RB; ++i) a[i][j] = _mm256_fmadd_ps(wv[i], pv, a[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < KN; ++j) acc[i * kSmallGemmCols + j] = a[i][j];
+  }
+}
+
+template <int RB>
+__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PT, float* y, int64_t C,
+                                                             int64_t K) {
+  constexpr int KN = RB == 1 ? 8 : 12 / RB;
+  __m256 acc[RB * kSmallGemmCols];  // acc[i * kSmallGemmCols + k]: row i, column k
+  for (int i = 0; i < RB; ++i) {
+    for (int64_t k = 0; k < K; ++k) acc[i * kSmallGemmCols + k] = _mm256_setzero_ps();
+  }
+  const int64_t C8 = C / 8 * 8;
+  // ~24 KB of PT per block (L1 holds 32 KB), at least 64 channels.
+  const int64_t CB = std::max<int64_t>(64, (6144 / K) / 8 * 8);
+  for (int64_t c0 = 0; c0 < C8; c0 += CB) {
+    const int64_t c1 = std::min(C8, c0 + CB);
     int64_t k0 = 0;
-    for (; k0 + 8 <= K; k0 += 8) small_gemm_block<8>(w, PT + k0 * C, y + k0, C, K);
+    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(w, PT + k0 * C, acc + k0, c0, c1, C);
+    const float* pt = PT + k0 * C;
     switch (K - k0) {
-      case 7: small_gemm_block<7>(w, PT + k0 * C, y + k0, C, K); break;
-      case 6: small_gemm_block<6>(w, PT + k0 * C, y + k0, C, K); break;
-      case 5: small_gemm_block<5>(w, PT + k0 * C, y + k0, C, K); break;
-      case 4: small_gemm_block<4>(w, PT + k0 * C, y + k0, C, K); break;
-      case 3: small_gemm_block<3>(w, PT + k0 * C, y + k0, C, K); break;
-      case 2: small_gemm_block<2>(w, PT + k0 * C, y + k0, C, K); break;
-      case 1: small_gemm_block<1>(w, PT + k0 * C, y + k0, C, K); break;
+      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 1: small_gemm_step<RB, 1>(w, pt, acc + k0, c0, c1, C); break;
       default: break;
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 v = acc[i * kSmallGemmCols + k];
+      __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+      lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+      float sum = _mm_cvtss_f32(lo);
+      for (int64_t t = C8; t < C; ++t) {
+        sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(PT[k * C + t]), _mm_set_ss(sum)));
+      }
+      y[i * K + k] = sum;
     }
   }
 }
 
-// Copies n floats to dst with non-temporal stores: an output far larger than the caches is written without first
+__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
+                                                              int64_t r1, int64_t C, int64_t K) {
+  constexpr int RB = kSmallGemmRows;
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PT, Y + r * K, C, K);
+  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PT, Y + r * K, C, K);
+}
+
+// Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
 // reading each destination line (write-allocate), which halves the write traffic. The caller fences (_mm_sfence)
 // before other threads may read dst.
-__attribute__((target("avx2"))) void stream_store_f32(float* dst, const float* src, int64_t n) {
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = src[i];
+__attribute__((target("avx2"))) void stream_store_bytes(char* dst, const char* src, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, (32 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 31)) & 31);
+  std::memcpy(dst, src, head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+  std::memcpy(dst + i, src + i, n - i);
 }
 
 void stream_fence() { _mm_sfence(); }
@@ -319,18 +406,16 @@ void stream_fence() { _mm_sfence(); }
 #define PSP_X86_SMALL_GEMM 0
 #endif
 
-// Outputs at least this large are written with streaming stores where the CPU allows (float32 only).
+// Outputs at least this large are written with streaming stores where the CPU allows.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 // Writes n values from src (already in the output type) to dst, streaming when `stream`.
 template <typename scalar_t>
 inline void store_block(scalar_t* dst, const scalar_t* src, int64_t n, bool stream) {
 #if PSP_X86_SMALL_GEMM
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (stream) {
-      stream_store_f32(dst, src, n);
-      return;
-    }
+  if (stream) {
+    stream_store_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(scalar_t));
+    return;
   }
 #endif
   (void)stream;
@@ -347,8 +432,7 @@ inline void store_fence(bool stream) {
 
 inline bool use_streaming(const at::Tensor& out) {
 #if PSP_X86_SMALL_GEMM
-  return out.scalar_type() == at::kFloat && out.nbytes() >= static_cast<size_t>(kStreamBytes) &&
-         __builtin_cpu_supports("avx2");
+  return out.nbytes() >= static_cast<size_t>(kStreamBytes) && __builtin_cpu_supports("avx2");
 #else
   (void)out;
   return false;
@@ -362,6 +446,28 @@ Tensor mm_no_autocast(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// The arguments of ppm_reduce next to pooled (N, C, S) of dtype pooled_type: weight (L, R, C) with L = len(bins),
+// scale and shift (L, R) or neither, all of pooled's dtype (float32 or float64).
+void check_reduce_args(int64_t C, int64_t S, at::ScalarType pooled_type, const Tensor& weight,
+                       const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift, at::IntArrayRef bins) {
+  TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
+  const int64_t L = weight.size(0), R = weight.size(1);
+  TORCH_CHECK(L == static_cast<int64_t>(bins.size()) && weight.size(2) == C,
+              "pspnet_fast: expected weight of shape (", bins.size(), ", R, ", C, "), got ", weight.sizes());
+  TORCH_CHECK(S == total_bins(bins), "pspnet_fast: expected pooled with ", total_bins(bins), " bins, got ", S);
+  TORCH_CHECK(pooled_type == weight.scalar_type() && (pooled_type == at::kFloat || pooled_type == at::kDouble),
+              "pspnet_fast: expected float32 or float64 pooled and weight of one dtype, got ", pooled_type, " and ",
+              weight.scalar_type());
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "pspnet_fast: scale and shift come together");
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
+                    scale->scalar_type() == pooled_type && shift->scalar_type() == pooled_type,
+                "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled_type,
+                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ",
+                shift->scalar_type());
+  }
+}
+
 // All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
 // platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
 Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
@@ -369,77 +475,86 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
   checks::ppm_reduce(pooled, weight, scale, shift, bins);
   check_bins(bins);
   TORCH_CHECK(pooled.dim() == 3, "pspnet_fast: expected pooled of shape (N, C, S), got ", pooled.sizes());
-  TORCH_CHECK(weight.dim() == 3, "pspnet_fast: expected weight of shape (L, R, C), got ", weight.sizes());
+  check_reduce_args(pooled.size(1), pooled.size(2), pooled.scalar_type(), weight, scale, shift, bins);
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pooled.size(2);
   const int64_t L = weight.size(0), R = weight.size(1);
-  TORCH_CHECK(L == static_cast<int64_t>(bins.size()) && weight.size(2) == C,
-              "pspnet_fast: expected weight of shape (", bins.size(), ", R, ", C, "), got ", weight.sizes());
-  TORCH_CHECK(S == total_bins(bins), "pspnet_fast: expected pooled with ", total_bins(bins), " bins, got ", S);
-  TORCH_CHECK(pooled.scalar_type() == weight.scalar_type() &&
-                  (pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble),
-              "pspnet_fast: expected float32 or float64 pooled and weight of one dtype, got ", pooled.scalar_type(),
-              " and ", weight.scalar_type());
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "pspnet_fast: scale and shift come together");
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->sizes() == at::IntArrayRef({L, R}) && shift->sizes() == at::IntArrayRef({L, R}) &&
-                    scale->scalar_type() == pooled.scalar_type() && shift->scalar_type() == pooled.scalar_type(),
-                "pspnet_fast: expected scale and shift of shape (", L, ", ", R, ") and dtype ", pooled.scalar_type(),
-                ", got ", scale->sizes(), " ", scale->scalar_type(), " and ", shift->sizes(), " ", shift->scalar_type());
-  }
   Tensor out = at::empty({N, R, S}, pooled.options());
   if (N == 0) return out;
   const Tensor p = pooled.contiguous();
   const Tensor wt = weight.contiguous();
   const Tensor scale_c = scale.has_value() ? scale->contiguous() : Tensor();
   const Tensor shift_c = scale.has_value() ? shift->contiguous() : Tensor();
-  int64_t off = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t s = bins[l] * bins[l];
-    // (N, C, s) -> (C, N * s): one GEMM for all images of this level.
-    const Tensor pl = p.narrow(2, off, s).permute({1, 0, 2}).reshape({C, N * s});
-    Tensor yl;  // (R, N * s)
-#if PSP_X86_SMALL_GEMM
-    if (out.scalar_type() == at::kFloat && N * s <= kSmallGemmCols && cpu_has_avx2_fma()) {
-      // BLAS runs these thin products (4-36 columns) at ~10 GFLOP/s here; they are bound by reading W_l once.
-      const Tensor plt = pl.t().contiguous();  // (N * s, C)
-      yl = at::empty({R, N * s}, out.options());
-      const float* w = wt.const_data_ptr<float>() + l * R * C;
-      float* y = yl.mutable_data_ptr<float>();
-      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-        small_gemm_rows_avx2(w, plt.const_data_ptr<float>(), y, r0, r1, C, N * s);
-      });
-    } else {
-      yl = mm_no_autocast(wt.select(0, l), pl);
-    }
-#else
-    yl = mm_no_autocast(wt.select(0, l), pl);
-#endif
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
-      const scalar_t* y = yl.const_data_ptr<scalar_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  std::vector<int64_t> offs;
+  for (int64_t l = 0, off = 0; l < L; off += bins[l] * bins[l], ++l) offs.push_back(off);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppm_reduce_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Rows [r0, r1) of level l from its GEMM result y (R, N * s) into out, through the folded BatchNorm and ReLU.
+    auto epilogue = [&](int64_t l, const scalar_t* y, int64_t r0, int64_t r1) {
+      const int64_t s = bins[l] * bins[l], off = offs[l];
       const scalar_t* sc = scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() + l * R : nullptr;
       const scalar_t* sf = shift_c.defined() ? shift_c.const_data_ptr<scalar_t>() + l * R : nullptr;
-      at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t n = 0; n < N; ++n) {
-            for (int64_t k = 0; k < s; ++k) {
-              scalar_t v = y[r * N * s + n * s + k];
-              if (sc) v = v * sc[r] + sf[r];
-              if (relu) v = relu_nan(v);
-              o[(n * R + r) * S + off + k] = v;
-            }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < s; ++k) {
+            scalar_t v = y[r * N * s + n * s + k];
+            if (sc) v = v * sc[r] + sf[r];
+            if (relu) v = relu_nan(v);
+            o[(n * R + r) * S + off + k] = v;
           }
         }
-      });
-    });
-    off += s;
-  }
+      }
+    };
+    // (N, C, s) -> (C, N * s): one GEMM per level for all images.
+    auto level_cols = [&](int64_t l) {
+      return p.narrow(2, offs[l], bins[l] * bins[l]).permute({1, 0, 2}).reshape({C, N * bins[l] * bins[l]});
+    };
+    std::vector<int64_t> small;  // levels for the hand-written GEMM
+    for (int64_t l = 0; l < L; ++l) {
+      const Tensor yl = level_cols(l);
+#if PSP_X86_SMALL_GEMM
+      if (std::is_same_v<scalar_t, float> && use_small_gemm(N * bins[l] * bins[l])) {
+        small.push_back(l);
+        continue;
+      }
+#endif
+      const Tensor y = mm_no_autocast(wt.select(0, l), yl);  // (R, N * s)
+      // Serial below ~32K values (a fork-join costs more than the loop; on a shared machine, much more).
+      const int64_t grain = std::max<int64_t>(64, 32768 / (N * bins[l] * bins[l]));
+      at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
+    }
+#if PSP_X86_SMALL_GEMM
+    if (!small.empty()) {
+      {
+        // Every hand-written level in one parallel region (one fork-join, not two per level): each task runs its
+        // rows of every such level, then their epilogue, while the rows' results are in cache.
+        std::vector<Tensor> pts, ys;
+        for (int64_t l : small) {
+          pts.push_back(level_cols(l).t().contiguous());  // (N * s, C)
+          ys.push_back(at::empty({R, N * bins[l] * bins[l]}, out.options()));
+        }
+        at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+          for (size_t i = 0; i < small.size(); ++i) {
+            const int64_t l = small[i];
+            // (float: scalar_t is float here; the casts only let the float64 instantiation compile)
+            scalar_t* y = ys[i].mutable_data_ptr<scalar_t>();
+            small_gemm_rows_avx2(reinterpret_cast<const float*>(wt.const_data_ptr<scalar_t>()) + l * R * C,
+                                 reinterpret_cast<const float*>(pts[i].const_data_ptr<scalar_t>()),
+                                 reinterpret_cast<float*>(y), r0, r1, C, N * bins[l] * bins[l]);
+            epilogue(l, y, r0, r1);
+          }
+        });
+      }
+    }
+#endif
+  });
   return out;
 }
 
+// write_x false: only the level planes are written (ppm_forward has written x's planes in its pooling pass; x's data
+// is not read).
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          bool x_last, Tensor& out) {
+                          bool x_last, Tensor& out, bool write_x = true) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -447,7 +562,7 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const std::vector<Taps<acc_t>>& th = lt.th;
   const std::vector<Taps<acc_t>>& tw = lt.tw;
   const std::vector<int64_t>& offs = lt.offs;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* xp = write_x ? x.const_data_ptr<scalar_t>() : nullptr;
   const lvl_t* yp = levels.const_data_ptr<lvl_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t HW = H * W;
@@ -455,12 +570,13 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
   // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from
   // one level map into a plane-sized scratch (cache-resident) and then stored in one sweep.
-  at::parallel_for(0, N * CO, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
+  const int64_t planes = write_x ? CO : L * R;  // per image
+  at::parallel_for(0, N * planes, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
     std::vector<scalar_t> plane_buf(HW);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / CO, c = plane % CO;
-      scalar_t* dst = op + plane * HW;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / planes, c = write_x ? task % planes : l0 + task % planes;
+      scalar_t* dst = op + (n * CO + c) * HW;
       if (c >= x0 && c < x0 + C) {
         store_block(dst, xp + (n * C + c - x0) * HW, HW, stream);
         continue;
@@ -490,9 +606,10 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   });
 }
 
+// write_x false: only each pixel's L*R level channels are written (as in upsample_concat_nchw).
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
-                          bool x_last, Tensor& out) {
+                          bool x_last, Tensor& out, bool write_x = true) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
@@ -503,7 +620,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
   // (N, R, S) -> (N, S, R) in the accumulation type so the R channels of one bin are contiguous, as the output's.
   const Tensor yt = levels.to(c10::CppTypeToScalarType<acc_t>::value).transpose(1, 2).contiguous();
   const acc_t* yp = yt.const_data_ptr<acc_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* xp = write_x ? x.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool stream = use_streaming(out);
   const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
@@ -514,7 +631,7 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, h = row % H;
       for (int64_t w = 0; w < W; ++w) {
-        std::memcpy(pix.data() + x0, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
+        if (write_x) std::memcpy(pix.data() + x0, xp + ((n * H + h) * W + w) * C, C * sizeof(scalar_t));
         for (int64_t l = 0; l < L; ++l) {
           const int64_t b = bins[l];
           const acc_t* base = yp + (n * S + offs[l]) * R;
@@ -529,7 +646,11 @@ void upsample_concat_nhwc(const Tensor& x, const Tensor& levels, at::IntArrayRef
             d[r] = static_cast<scalar_t>(lh0 * (lw0 * v00[r] + lw1 * v01[r]) + lh1 * (lw0 * v10[r] + lw1 * v11[r]));
           }
         }
-        store_block(op + ((n * H + h) * W + w) * CO, pix.data(), CO, stream);
+        if (write_x) {
+          store_block(op + ((n * H + h) * W + w) * CO, pix.data(), CO, stream);
+        } else {
+          store_block(op + ((n * H + h) * W + w) * CO + l0, pix.data() + l0, L * R, stream);
+        }
       }
     }
     store_fence(stream);
@@ -564,6 +685,117 @@ Tensor upsample_concat_cpu(const Tensor& x_in, const Tensor& levels_in, at::IntA
         upsample_concat_nchw<scalar_x, scalar_t>(x, levels, bins, align_corners, x_last, out);
       }
     });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The eval forward with x read once: pass 1 pools x and stores it into its channels of out while it is in cache;
+// then ppm_reduce (the op's own code: the levels are the composition's, bit for bit); pass 2 writes only the level
+// channels (upsample_concat's code with write_x false).
+// ---------------------------------------------------------------------------------------------------------------
+
+// Pass 1, NCHW out: one task per (n, c) plane of x, at any strides. A contiguous plane is pooled in place and each row
+// segment stored into out's plane x0 + c right after it is added (from L1/L2, streaming); other strides are gathered
+// into a contiguous plane first (x is still read from memory once), so the pooled values are pyramid_pool's on
+// x.contiguous().
+template <typename scalar_t>
+void pool_copy_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, const Segments& sw, Tensor& pooled,
+                    Tensor& out, int64_t x0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = pooled.size(2), CO = out.size(1);
+  const int64_t HW = H * W;
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const bool dense = (H == 1 || sH == W) && (W == 1 || sW == 1);  // every plane contiguous
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* pp = pooled.mutable_data_ptr<acc_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const bool stream = use_streaming(out);
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> seg(sh.size() * sw.size()), colsum(W);
+    std::vector<scalar_t> buf(dense ? 0 : HW);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const scalar_t* src = xp + n * sN + c * sC;
+      scalar_t* dst = op + (n * CO + x0 + c) * HW;
+      if (dense) {
+        pool_plane<scalar_t, acc_t>(src, W, bins, sh, sw, seg.data(), colsum.data(), pp + plane * S,
+                                    [&](int64_t h0, int64_t h1) {
+                                      store_block(dst + h0 * W, src + h0 * W, (h1 - h0) * W, stream);
+                                    });
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* row = src + h * sH;
+        scalar_t* b = buf.data() + h * W;
+        if (sW == 1) {
+          std::memcpy(b, row, W * sizeof(scalar_t));
+        } else {
+          for (int64_t w = 0; w < W; ++w) b[w] = row[w * sW];
+        }
+      }
+      pool_plane<scalar_t, acc_t>(buf.data(), W, bins, sh, sw, seg.data(), colsum.data(), pp + plane * S);
+      store_block(dst, buf.data(), HW, stream);
+    }
+    store_fence(stream);
+  });
+}
+
+// Pass 1, channels_last: pyramid_pool_nhwc, storing each pixel's run of channels into out (N, H, W, CO) at channel
+// x0 + c0 as soon as it is added.
+template <typename scalar_t>
+struct StreamCopy {
+  scalar_t* op;
+  int64_t H, W, CO, x0;
+  bool stream;
+  void pixel(int64_t n, int64_t h, int64_t w, int64_t c0, const scalar_t* src, int64_t cb) const {
+    store_block(op + ((n * H + h) * W + w) * CO + x0 + c0, src, cb, stream);
+  }
+  void finish() const { store_fence(stream); }
+};
+
+Tensor ppm_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scale,
+                       const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu, bool align_corners,
+                       bool x_last) {
+  checks::ppm_forward(x, weight, scale, shift, bins);
+  check_map(x, "x", "C");
+  check_bins(bins);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!scale.has_value() || scale->device().is_cpu()) &&
+                  (!shift.has_value() || shift->device().is_cpu()),
+              "pspnet_fast: ppm_forward_cpu expects CPU tensors, got x on ", x.device(), " and weight on ",
+              weight.device());
+  const auto acc_type = acc_type_of(x.scalar_type());
+  const int64_t S = total_bins(bins);
+  check_reduce_args(x.size(1), S, acc_type, weight, scale, shift, bins);
+  // An eval op without an autograd formula: the ATen calls inside (ppm_reduce's mm_out) run below autograd even when
+  // the caller's weights require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool cl = is_channels_last(x);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t L = static_cast<int64_t>(bins.size()), R = weight.size(1), CO = C + L * R;
+  const std::vector<int64_t> out_strides =
+      cl ? std::vector<int64_t>{CO * H * W, 1, W * CO, CO} : std::vector<int64_t>{CO * H * W, H * W, W, 1};
+  Tensor out = OutputCache::get().empty({N, CO, H, W}, out_strides, x.options());
+  if (N == 0) return out;
+  Tensor pooled = at::empty({N, C, S}, x.options().dtype(acc_type));
+  const Segments sh = make_segments(bins, H), sw = make_segments(bins, W);
+  const int64_t x0 = x_last ? L * R : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_pool", [&] {
+    if (cl) {
+      const StreamCopy<scalar_t> copy{out.mutable_data_ptr<scalar_t>(), H, W, CO, x0, use_streaming(out)};
+      pyramid_pool_nhwc<scalar_t>(x, bins, sh, sw, pooled, copy);
+    } else {
+      pool_copy_nchw<scalar_t>(x, bins, sh, sw, pooled, out, x0);
+    }
+  });
+  const Tensor levels = ppm_reduce_cpu(pooled, weight, scale, shift, bins, relu);  // (N, R, S), acc_type
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_levels", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (cl) {
+      upsample_concat_nhwc<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    } else {
+      upsample_concat_nchw<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    }
   });
   return out;
 }
@@ -875,6 +1107,7 @@ TORCH_LIBRARY_IMPL(pspnet_fast, CPU, m) {
   m.impl("upsample_concat", &upsample_concat_cpu);
   m.impl("upsample_concat_backward", &upsample_concat_backward_cpu);
   m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
+  m.impl("ppm_forward", &ppm_forward_cpu);
 }
 
 }  // namespace pspnet_fast
