@@ -260,6 +260,9 @@ class PatchedPyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         check_same_device(x, self._parts()[0][0].weight)
+        if torch.onnx.is_in_onnx_export():  # standard ONNX ops, exact at every size (pspnet_fast/export.py)
+            from .export import ppm_forward as export_forward
+            return export_forward(self, x)
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
             return self._reference_forward(x)
