@@ -41,9 +41,10 @@ from . import _ext, ops
 
 __all__ = ["pyramid_pool", "ppm_reduce", "upsample_concat", "ppm_forward_op", "head_epilogue", "head_context",
            "KERNELS", "ppm_forward", "head_forward", "register_onnx_decompositions", "export_onnx", "export_aoti",
-           "load_aoti", "ExportError", "MIN_OPSET"]
+           "load_aoti", "check_onnx", "ExportError", "MIN_OPSET", "OLDEST_OPSET"]
 
-MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 and later (its torchlib functions are opset 18)
+MIN_OPSET = 18  # the opset torch.onnx's dynamo exporter writes its functions in (older ones by version conversion)
+OLDEST_OPSET = 15  # the oldest torch.onnx 2.14 / onnxscript 0.7 convert this graph to (14 fails in onnx's converter)
 
 
 class ExportError(RuntimeError):
@@ -57,40 +58,50 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pool_matrix(size, b: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """(b, size): row i averages input positions [floor(i*size/b), ceil((i+1)*size/b)) (ATen's adaptive pooling)."""
-    i = torch.arange(b, device=device)
+def _per_column(bins: Sequence[int], dtype, device):
+    """(K,) constants, K = sum of bins: each column's level size b and its index j within the level."""
+    b = torch.tensor([bb for bb in bins for _ in range(bb)], dtype=dtype, device=device)
+    j = torch.tensor([k for bb in bins for k in range(bb)], dtype=dtype, device=device)
+    return b, j
+
+
+def _pool_matrix(size, bins: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """(K, size), K = sum of bins, level after level: row i of level b averages input positions
+    [floor(i*size/b), ceil((i+1)*size/b)) (ATen's adaptive pooling; integer arithmetic on the graph's size)."""
+    b, i = _per_column(bins, torch.int64, device)
     start = torch.div(i * size, b, rounding_mode="floor")
-    end = torch.div((i + 1) * size + (b - 1), b, rounding_mode="floor")
-    pos = torch.arange(size, device=device).unsqueeze(0)  # (1, size)
-    inside = (pos >= start.unsqueeze(1)) & (pos < end.unsqueeze(1))  # (b, size)
+    end = torch.div((i + 1) * size + b - 1, b, rounding_mode="floor")
+    pos = torch.arange(size, device=device)
+    inside = (pos >= start.unsqueeze(1)) & (pos < end.unsqueeze(1))  # (K, size)
     return inside.to(dtype) / (end - start).unsqueeze(1).to(dtype)
 
 
-def _upsample_matrix(size, b: int, align_corners: bool, dtype: torch.dtype, device) -> torch.Tensor:
-    """(size, b): row y holds the bilinear weights of output row y over the b input rows, as ATen's
-    upsample_bilinear2d computes them (scale and source index in the accumulation type, src clamped at 0 without
-    align_corners, i0 = min(floor(src), b - 1), lambda clamped to [0, 1], i1 = i0 + (i0 < b - 1))."""
-    y = torch.arange(size, device=device).to(dtype)
+def _upsample_matrix(size, bins: Sequence[int], align_corners: bool, dtype: torch.dtype, device,
+                     taps: bool = False) -> torch.Tensor:
+    """(size, K), K = sum of bins: row y holds the bilinear weights of output row y over each level's b input rows
+    (level after level), as ATen's upsample_bilinear2d computes them: scale and source index in the accumulation
+    type, src clamped at 0 without align_corners, i0 = min(floor(src), b - 1), lambda clamped to [0, 1],
+    i1 = i0 + (i0 < b - 1). taps: (3, size, K), tap d reading row y + d - 1, zero outside [0, size) (the 3x3 conv's
+    zero padding)."""
+    b, j = _per_column(bins, dtype, device)
+    pos = torch.arange(size, device=device)
+    last = pos[-1:].to(dtype)  # (1,): size - 1, from the graph's size
+    y = pos.to(dtype)
+    if taps:
+        y = y.unsqueeze(0) + torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device).unsqueeze(1)  # (3, size)
+    y = y.unsqueeze(-1)  # (..., size, 1)
     if align_corners:
-        # (b - 1) / (size - 1); 0 for size 1 (only y = 0 exists then, and any finite scale gives src = 0).
-        denom = torch.clamp(torch.arange(size, device=device)[-1:], min=1).to(dtype)  # size - 1, at least 1
-        src = y * ((b - 1) / denom)
+        # (b - 1) / (size - 1); for size 1 only y = 0 is kept, which any finite scale maps to src 0.
+        src = ((b - 1) / torch.clamp(last, min=1.0)) * y
     else:
-        scale = b / (torch.arange(size, device=device)[-1:] + 1).to(dtype)  # b / size
-        src = torch.clamp(scale * (y + 0.5) - 0.5, min=0.0)
-    i0 = torch.clamp(torch.floor(src), max=b - 1)
+        src = torch.clamp((b / (last + 1)) * (y + 0.5) - 0.5, min=0.0)
+    i0 = torch.minimum(torch.floor(src), b - 1)
     l1 = torch.clamp(src - i0, 0.0, 1.0)
-    l0 = 1.0 - l1
     i1 = i0 + (i0 < b - 1).to(dtype)
-    cols = torch.arange(b, device=device).to(dtype).unsqueeze(0)  # (1, b)
-    return (cols == i0.unsqueeze(1)).to(dtype) * l0.unsqueeze(1) + (cols == i1.unsqueeze(1)).to(dtype) * l1.unsqueeze(1)
-
-
-def _shifted(m: torch.Tensor) -> torch.Tensor:
-    """(3, size, b) from (size, b): tap d reads row y + d - 1 (zero outside), the 3x3 conv's zero padding."""
-    z = m.new_zeros((1, m.shape[1]))
-    return torch.stack([torch.cat([z, m[:-1]], 0), m, torch.cat([m[1:], z], 0)])
+    u = (j == i0).to(dtype) * (1.0 - l1) + (j == i1).to(dtype) * l1
+    if taps:
+        u = u * ((y >= 0) & (y <= last)).to(dtype)
+    return u
 
 
 def _offsets(bins):
@@ -111,12 +122,12 @@ def pyramid_pool(x: torch.Tensor, bins: Sequence[int]) -> torch.Tensor:
     acc = _acc(x.dtype)
     n, c, h, w = x.shape
     xa = x.to(acc)
-    pw = torch.cat([_pool_matrix(w, b, acc, x.device) for b in bins], 0)  # (sum b, W)
+    pw = _pool_matrix(w, bins, acc, x.device)  # (sum b, W)
+    ph = _pool_matrix(h, bins, acc, x.device)  # (sum b, H)
     t = torch.matmul(xa, pw.t())  # (N, C, H, sum b)
     parts, o = [], 0
     for b in bins:
-        ph = _pool_matrix(h, b, acc, x.device)  # (b, H)
-        parts.append(torch.matmul(ph, t[..., o:o + b]).reshape(n, c, b * b))  # (N, C, b, b) row-major
+        parts.append(torch.matmul(ph[o:o + b], t[..., o:o + b]).reshape(n, c, b * b))  # (N, C, b, b) row-major
         o += b
     return torch.cat(parts, 2)
 
@@ -138,12 +149,13 @@ def _upsample_levels(levels, bins, size, align_corners):
     """levels (N, R, S) -> [(N, R, H, W) per level] in levels' dtype."""
     h, w = size
     n, r = levels.shape[:2]
-    out = []
+    uh = _upsample_matrix(h, bins, align_corners, levels.dtype, levels.device)  # (H, sum b)
+    uw = _upsample_matrix(w, bins, align_corners, levels.dtype, levels.device)  # (W, sum b)
+    out, o = [], 0
     for b, off in zip(bins, _offsets(bins)):
         lv = levels[:, :, off:off + b * b].reshape(n, r, b, b)
-        uh = _upsample_matrix(h, b, align_corners, levels.dtype, levels.device)  # (H, b)
-        uw = _upsample_matrix(w, b, align_corners, levels.dtype, levels.device)  # (W, b)
-        out.append(torch.matmul(uh, torch.matmul(lv, uw.t())))  # (N, R, H, W)
+        out.append(torch.matmul(uh[:, o:o + b], torch.matmul(lv, uw[:, o:o + b].t())))  # (N, R, H, W)
+        o += b
     return out
 
 
@@ -167,15 +179,16 @@ def head_context(q: torch.Tensor, bins, size, align_corners: bool) -> torch.Tens
     bins = [int(b) for b in bins]
     h, w = size
     n, o = q.shape[:2]
-    rows, mats = [], []
+    ah = _upsample_matrix(h, bins, align_corners, q.dtype, q.device, taps=True)  # (3, H, sum b)
+    bw = _upsample_matrix(w, bins, align_corners, q.dtype, q.device, taps=True)  # (3, W, sum b)
+    rows, mats, c = [], [], 0
     for b, off in zip(bins, _offsets(bins)):
         ql = q[:, :, :, off:off + b * b].reshape(n, o, 3, 3, b, b)  # (N, O, dy, dx, i, j)
         ql = ql.permute(0, 1, 2, 4, 3, 5).reshape(n, o, 3 * b, 3 * b)  # rows (dy, i), columns (dx, j)
-        bw = _shifted(_upsample_matrix(w, b, align_corners, q.dtype, q.device))  # (3, W, b)
-        bw = bw.permute(1, 0, 2).reshape(-1, 3 * b)  # (W, 3 b): columns (dx, j)
-        rows.append(torch.matmul(ql, bw.t()))  # (N, O, 3 b, W)
-        ah = _shifted(_upsample_matrix(h, b, align_corners, q.dtype, q.device))  # (3, H, b)
-        mats.append(ah.permute(1, 0, 2).reshape(-1, 3 * b))  # (H, 3 b): columns (dy, i)
+        bl = bw[:, :, c:c + b].permute(1, 0, 2).reshape(-1, 3 * b)  # (W, 3 b): columns (dx, j)
+        rows.append(torch.matmul(ql, bl.t()))  # (N, O, 3 b, W)
+        mats.append(ah[:, :, c:c + b].permute(1, 0, 2).reshape(-1, 3 * b))  # (H, 3 b): columns (dy, i)
+        c += b
     return torch.matmul(torch.cat(mats, 1), torch.cat(rows, 2))  # (N, O, H, W)
 
 
@@ -246,3 +259,214 @@ def head_forward(x: torch.Tensor, ppm: torch.nn.Module, cls: torch.nn.Sequential
     folded = _folded_bn(bn, q.dtype)
     y = head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
     return classifier(drop(y))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dispatcher ops' decompositions for torch.onnx (an ExportedProgram holding torch.ops.pspnet_fast.*).
+# ----------------------------------------------------------------------------------------------------------------
+def _decomp_upsample_concat(x, levels, bins, align_corners, x_last=False):
+    return upsample_concat(x, levels, bins, align_corners, x_last)
+
+
+def _decomp_head_epilogue(z, q, bins, align_corners, scale, shift, relu):
+    return head_epilogue(z, q, bins, align_corners, scale, shift, relu)
+
+
+_DECOMPOSITIONS = {"pyramid_pool": pyramid_pool, "ppm_reduce": ppm_reduce, "upsample_concat": _decomp_upsample_concat,
+                   "ppm_forward": ppm_forward_op, "head_epilogue": _decomp_head_epilogue}
+
+
+def register_onnx_decompositions() -> list[str]:
+    """Puts the formulation above in torch._decomp.decomposition_table for every eval op of the compiled extension,
+    so that torch.onnx.export (dynamo) lowers an ExportedProgram holding them to standard ONNX ops. Idempotent;
+    returns the op names registered ([] without the extension). torch.onnx reads that table for the ops it has no
+    ONNX function for; torch.compile, torch.export's default decompositions and AOTInductor pick their ops by name
+    and keep the fused ops."""
+    if not _ext.load():
+        return []
+    table = torch._decomp.decomposition_table
+    done = []
+    for name, fn in _DECOMPOSITIONS.items():
+        packet = getattr(torch.ops.pspnet_fast, name, None)
+        if packet is None:
+            continue
+        table[packet.default] = fn
+        done.append(name)
+    return done
+
+
+register_onnx_decompositions()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers: export_onnx (dynamic dims chosen, checked in onnxruntime), export_aoti / load_aoti.
+# ----------------------------------------------------------------------------------------------------------------
+def _as_args(example) -> tuple:
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def _dynamic_shapes(args: tuple, dynamic):
+    """dynamic=True: N, H and W of every 4-D tensor input (dims 0, 2, 3) dynamic; False: static; anything else is
+    torch.export's dynamic_shapes, passed through."""
+    if dynamic is False or dynamic is None:
+        return None
+    if dynamic is not True:
+        return dynamic
+    d = torch.export.Dim.DYNAMIC
+    return tuple({0: d, 2: d, 3: d} if isinstance(a, torch.Tensor) and a.dim() == 4 else None for a in args)
+
+
+def _check_eval(model: torch.nn.Module, what: str) -> None:
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ExportError(
+            f"pspnet_fast.export.{what}: the model is in training mode ({', '.join(training[:4])}"
+            f"{', ...' if len(training) > 4 else ''}): BatchNorm would use batch statistics and Dropout would drop. "
+            "Call model.eval() before exporting.")
+
+
+def _check_opset(opset) -> None:
+    if opset is not None and int(opset) < OLDEST_OPSET:
+        raise ExportError(
+            f"pspnet_fast.export.export_onnx: opset {opset} cannot hold the exact graph: its index arithmetic needs "
+            f"Range, Clip with tensor bounds and GreaterOrEqual (opsets 11-12), and torch.onnx's version converter "
+            f"reaches opset {OLDEST_OPSET} at the oldest (it writes opset {MIN_OPSET}). Pass opset={MIN_OPSET} or "
+            "later, or None for the exporter's default.")
+
+
+def _written_opset(path) -> int:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten(o)]
+    raise TypeError(f"cannot compare an output of type {type(out).__name__}")
+
+
+def _unseen_example(args: tuple, dynamic) -> tuple:
+    """The example with N + 1 and H, W changed to sizes it did not have (H + 3, W + 5: prime offsets, so bins that
+    divided the example's size do not divide these)."""
+    if dynamic is not True:
+        return args
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 4:
+            n, c, h, w = a.shape
+            g = torch.Generator().manual_seed(0)
+            out.append(torch.randn((n + 1, c, h + 3, w + 5), generator=g).to(dtype=a.dtype, device=a.device))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def check_onnx(model: torch.nn.Module, path, inputs, rtol: float = 1e-4) -> float:
+    """Runs the ONNX file at `path` in onnxruntime (CPU) on `inputs` (a tensor or tuple of tensors) and compares every
+    output with the eager model's: returns the largest max|onnx - eager| / max|eager| and raises ExportError when it
+    exceeds rtol."""
+    import numpy as np
+    import onnxruntime as ort
+
+    args = _as_args(inputs)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, [a for a in args if isinstance(a, torch.Tensor)])}
+    got = sess.run(None, feeds)
+    with torch.no_grad():
+        want = _flatten(model(*args))
+    if len(got) != len(want):
+        raise ExportError(f"the ONNX model has {len(got)} outputs, the eager model {len(want)}")
+    worst = 0.0
+    for g, w in zip(got, want):
+        w = w.detach().cpu().double().numpy()
+        if g.shape != w.shape:
+            raise ExportError(f"ONNX output shape {g.shape} differs from the eager model's {w.shape}")
+        scale = float(np.abs(w).max()) if w.size else 0.0
+        err = float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    if worst > rtol:
+        raise ExportError(f"onnxruntime's output differs from the eager model's by {worst:.3g} of its max (> {rtol:g}) "
+                          f"at input shapes {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}")
+    return worst
+
+
+def export_onnx(model: torch.nn.Module, path, example, dynamic=True, *, opset: int | None = None,
+                check: bool = True, rtol: float = 1e-4, input_names=None, output_names=None, optimize: bool = True,
+                verbose: bool = False):
+    """Exports `model` (eval mode) to the ONNX file `path` with torch.onnx's dynamo exporter and returns the
+    torch.onnx.ONNXProgram.
+
+    example: a tensor or tuple of tensors (e.g. (1, 3, 473, 473) images or (1, C, H, W) features). dynamic: True makes
+    N, H and W of every 4-D input dynamic (the graph is exact at every size: see this module's docstring), False
+    keeps the example's sizes, anything else is passed as torch.export's dynamic_shapes. opset: None for the
+    exporter's default; one older than OLDEST_OPSET, or one the exporter's converter does not reach (torch.onnx then
+    writes MIN_OPSET), raises ExportError. check: runs the file in onnxruntime on the example and on an unseen size
+    (N + 1, H + 3, W + 5 when dynamic) against the eager model and raises ExportError beyond rtol of the output's max
+    (requires onnxruntime). Training-mode modules and the legacy exporter raise ExportError naming the fix."""
+    _check_eval(model, "export_onnx")
+    _check_opset(opset)
+    args = _as_args(example)
+    kw = {} if opset is None else {"opset_version": int(opset)}
+    with torch.no_grad():
+        program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(args, dynamic),
+                                    input_names=input_names, output_names=output_names, optimize=optimize,
+                                    verbose=verbose, **kw)
+    program.save(os.fspath(path))
+    if opset is not None and _written_opset(path) != int(opset):
+        raise ExportError(
+            f"pspnet_fast.export.export_onnx: torch.onnx could not convert the graph to opset {opset} and wrote opset "
+            f"{_written_opset(path)} to {os.fspath(path)} instead. Pass opset={MIN_OPSET} (or None), or an opset "
+            f"between {OLDEST_OPSET} and {MIN_OPSET}.")
+    if check:
+        check_onnx(model, path, args, rtol)
+        if dynamic is True:
+            check_onnx(model, path, _unseen_example(args, dynamic), rtol)
+    return program
+
+
+def export_aoti(model: torch.nn.Module, path, example, dynamic=True, *, check: bool = True, rtol: float = 1e-4,
+                inductor_configs: dict | None = None) -> str:
+    """Compiles `model` (eval mode) with AOTInductor into the package `path` (.pt2) and returns its path.
+
+    torch.export with N, H, W of every 4-D input dynamic (dynamic=True; False: static; else torch.export's
+    dynamic_shapes), then torch._inductor.aoti_compile_and_package. The package calls the fused ops
+    (torch.ops.pspnet_fast.*) through the dispatcher and does not contain them: the process that loads it must have
+    registered them (`import pspnet_fast`, then `load_aoti(path)` or torch._inductor.aoti_load_package(path));
+    without, running it fails with an unknown-operator error. check: loads the package here and compares it with the
+    eager model on the example and on an unseen size."""
+    _check_eval(model, "export_aoti")
+    args = _as_args(example)
+    with torch.no_grad():
+        ep = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args, dynamic))
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path),
+                                                       inductor_configs=inductor_configs)
+    if check:
+        runner = load_aoti(out)
+        for a in (args, _unseen_example(args, dynamic)):
+            with torch.no_grad():
+                got, want = _flatten(runner(*a)), _flatten(model(*a))
+            for g, w in zip(got, want):
+                scale = w.abs().max().item() if w.numel() else 0.0
+                err = (g.double() - w.double()).abs().max().item() if w.numel() else 0.0
+                if err > rtol * max(scale, 1e-30):
+                    raise ExportError(f"the AOTInductor package differs from the eager model by {err:.3g} "
+                                      f"(max {scale:.3g}) at {[tuple(t.shape) for t in a]}")
+    return out
+
+
+def load_aoti(path):
+    """The callable of an AOTInductor package made by export_aoti, with pspnet_fast's ops registered in this
+    process (imports pspnet_fast._C; raises ExportError when the extension is not loadable)."""
+    if not _ext.load():
+        raise ExportError(f"pspnet_fast's compiled ops are not loadable here ({_ext.error()}): an AOTInductor package "
+                          "of a fused model calls them and cannot run without them. Build the extension "
+                          "(pip install --no-build-isolation -e .).")
+    ops.ensure_registered("cpu")
+    return torch._inductor.aoti_load_package(os.fspath(path))
