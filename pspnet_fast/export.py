@@ -60,8 +60,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _per_column(bins: Sequence[int], dtype, device):
     """(K,) constants, K = sum of bins: each column's level size b and its index j within the level."""
-    b = torch.tensor([bb for bb in bins for _ in range(bb)], dtype=dtype, device=device)
-    j = torch.tensor([k for bb in bins for k in range(bb)], dtype=dtype, device=device)
+    # Factory calls, not torch.tensor(list): a lifted constant tensor breaks the functional re-trace torch.onnx runs
+    # on an ExportedProgram's decompositions (aten.detach_ in the graph).
+    b = torch.cat([torch.full((bb,), bb, dtype=dtype, device=device) for bb in bins])
+    j = torch.cat([torch.arange(bb, device=device).to(dtype) for bb in bins])
     return b, j
 
 
@@ -88,7 +90,7 @@ def _upsample_matrix(size, bins: Sequence[int], align_corners: bool, dtype: torc
     last = pos[-1:].to(dtype)  # (1,): size - 1, from the graph's size
     y = pos.to(dtype)
     if taps:
-        y = y.unsqueeze(0) + torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device).unsqueeze(1)  # (3, size)
+        y = y.unsqueeze(0) + (torch.arange(3, device=device) - 1).to(dtype).unsqueeze(1)  # (3, size): y + d - 1
     y = y.unsqueeze(-1)  # (..., size, 1)
     if align_corners:
         # (b - 1) / (size - 1); for size 1 only y = 0 is kept, which any finite scale maps to src 0.
@@ -211,11 +213,20 @@ KERNELS = ops.OpSet(pyramid_pool=pyramid_pool, ppm_reduce=ppm_reduce, upsample_c
 # ----------------------------------------------------------------------------------------------------------------
 # What the modules run while torch.onnx exports them (their one-line hooks call these).
 # ----------------------------------------------------------------------------------------------------------------
+def _legacy_exporting() -> bool:
+    """torch.onnx.export(..., dynamo=False) is tracing (is_in_onnx_export() without the dynamo exporter's flag)."""
+    if not torch.onnx.is_in_onnx_export():
+        return False
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:  # a torch without the flag module: only the legacy exporter sets is_in_onnx_export
+        return True
+    return not _flags._is_onnx_exporting
+
+
 def _check_exportable(module: torch.nn.Module, what: str) -> None:
     """Refuses what would not give an exact graph: the legacy (TorchScript) exporter and training mode."""
-    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-
-    if GLOBALS.in_onnx_export:
+    if _legacy_exporting():
         raise ExportError(
             f"pspnet_fast: {what} cannot be exported by the legacy TorchScript ONNX exporter (torch.onnx.export(..., "
             "dynamo=False)): it traces one fixed size and has no translation for the fused ops. Export with "
@@ -325,6 +336,35 @@ def _check_eval(model: torch.nn.Module, what: str) -> None:
             "Call model.eval() before exporting.")
 
 
+def _inexact_pools(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the adaptive average poolings (output other than 1x1) a forward of `model` may run outside
+    pspnet_fast's fused modules (which hold their AdaptiveAvgPool2d but never call it): torch.onnx lowers those with
+    indices baked at the export size."""
+    from .head import PSPHead
+    from .modules import PyramidPooling
+    from .patching import PatchedPyramidPooling
+
+    fused = (PyramidPooling, PatchedPyramidPooling, PSPHead)
+    found = []
+
+    def walk(m, prefix):
+        for name, child in m.named_children():
+            q = prefix + name
+            if isinstance(child, fused):
+                continue
+            if isinstance(child, torch.nn.AdaptiveAvgPool2d):
+                size = child.output_size
+                size = (size, size) if not isinstance(size, (tuple, list)) else tuple(size)
+                if any(s != 1 for s in size):
+                    found.append(q)
+            walk(child, q + ".")
+
+    if isinstance(model, torch.nn.AdaptiveAvgPool2d):
+        return ["<root>"]
+    walk(model, "")
+    return found
+
+
 def _check_opset(opset) -> None:
     if opset is not None and int(opset) < OLDEST_OPSET:
         raise ExportError(
@@ -412,6 +452,13 @@ def export_onnx(model: torch.nn.Module, path, example, dynamic=True, *, opset: i
     (requires onnxruntime). Training-mode modules and the legacy exporter raise ExportError naming the fix."""
     _check_eval(model, "export_onnx")
     _check_opset(opset)
+    pools = _inexact_pools(model) if dynamic is not False else []
+    if pools:
+        raise ExportError(
+            f"pspnet_fast.export.export_onnx: {', '.join(pools[:4])}{', ...' if len(pools) > 4 else ''} "
+            "(AdaptiveAvgPool2d) would be exported by PyTorch's lowering, whose indices are those of the example's "
+            "size: wrong at other sizes. Call pspnet_fast.patch(model) first (it fuses the pyramid pooling modules "
+            "it recognizes; names.skipped says why others were left), or export with dynamic=False.")
     args = _as_args(example)
     kw = {} if opset is None else {"opset_version": int(opset)}
     with torch.no_grad():

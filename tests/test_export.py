@@ -87,31 +87,59 @@ def _rel_err(got, want):
     return (torch.from_numpy(got).double() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
 
 
-@needs_ext
-def test_ppm_and_head_export_exact_at_unseen_sizes(tmp_path):
-    """export_onnx (torch.onnx.export, dynamo, dynamic N, H, W) of fused PPMs and heads: within 1e-5 of the max for
-    the PPMs, 1e-4 for the heads, at 12 sizes the export never saw; standard ONNX ops only."""
-    import onnx
-
+@pytest.fixture(scope="module")
+def many_onnx(tmp_path_factory):
+    """_Many exported once by export_onnx (torch.onnx.export, dynamo, dynamic N, H, W; checked in onnxruntime at the
+    example and at an unseen size): (model, path)."""
+    if not _ext.load():
+        pytest.skip("pspnet_fast._C is not built")
     model = _Many().eval()
-    path = tmp_path / "many.onnx"
+    path = tmp_path_factory.mktemp("export") / "many.onnx"
     E.export_onnx(model, path, torch.randn(2, C, 37, 45))
-    kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}, kinds
-    assert "GatherND" not in kinds and "AveragePool" not in kinds, kinds  # nothing baked at the export size
+    return model, path
+
+
+def _check_unseen(model, run, sizes=UNSEEN):
+    """Every output at every size within 1e-5 of its max (PPMs) or 1e-4 (the head, last); the largest errors."""
     worst = {}
-    for n, h, w in UNSEEN:
+    for n, h, w in sizes:
         x = torch.randn(n, C, h, w)
         with torch.no_grad():
             want = model(x)
-        got = _run(path, x)
+        got = run(x)
         assert len(got) == len(want) == 5
         for i, (g, wt) in enumerate(zip(got, want)):
             assert g.shape == tuple(wt.shape), (i, g.shape, wt.shape)
             err = _rel_err(g, wt)
             worst[i] = max(worst.get(i, 0.0), err)
             assert err <= (1e-5 if i < 4 else 1e-4), (i, (n, h, w), err)
-    print("max relative errors (3 PPMs, smp PPM, head):", {k: f"{v:.2e}" for k, v in worst.items()})
+    return {k: f"{v:.2e}" for k, v in worst.items()}
+
+
+def test_ppm_and_head_export_exact_at_unseen_sizes(many_onnx):
+    """Fused PPMs (three bins sets, both align_corners, x first and x last) and a fused head in onnxruntime at 12
+    sizes the export never saw; standard ONNX ops only, nothing baked at the export size."""
+    import onnx
+
+    model, path = many_onnx
+    graph = onnx.load(str(path)).graph
+    kinds = {n.op_type for n in graph.node}
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, kinds
+    assert "GatherND" not in kinds and "AveragePool" not in kinds, kinds
+    print("onnxruntime, max relative errors (3 PPMs, smp PPM, head):", _check_unseen(model, lambda x: _run(path, x)))
+
+
+def test_openvino_runs_the_export(many_onnx):
+    """The same file in OpenVINO's CPU runtime (optional: skipped when openvino is not installed)."""
+    ov = pytest.importorskip("openvino")
+    model, path = many_onnx
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU")
+
+    def run(x):
+        res = compiled(x.numpy())
+        return [res[o] for o in compiled.outputs]
+
+    print("OpenVINO, max relative errors:", _check_unseen(model, run, UNSEEN[:6]))
 
 
 @needs_ext
@@ -177,6 +205,11 @@ def test_unsupported_exports_fail_clearly(tmp_path):
         E.export_onnx(ppm, tmp_path / "o.onnx", x, opset=11)
     with pytest.raises(E.ExportError, match=r"training mode"):
         E.export_aoti(ppm.train(), tmp_path / "t.pt2", x)
+    # An unfused adaptive pooling (PyTorch's lowering bakes the example's size): patch() is the way out.
+    ref_model = nn.Sequential(make_ref(C, (1, 2, 3, 6))).eval()
+    with pytest.raises(E.ExportError, match=r"0\.features\.0\.0.*pspnet_fast\.patch\(model\)"):
+        E.export_onnx(ref_model, tmp_path / "r.onnx", x)
+    assert E._inexact_pools(_Models()) == []  # the patched look-alikes and the fused PSPNet: nothing left unfused
 
 
 _CHILD = textwrap.dedent("""
@@ -219,3 +252,23 @@ def test_aoti_package_in_a_fresh_process(tmp_path):
                           timeout=300)
     assert bare.returncode != 0
     assert "pspnet_fast" in bare.stderr, bare.stderr[-3000:]
+
+
+@needs_ext
+def test_cli_export(tmp_path):
+    """`pspnet-fast export CHECKPOINT OUT --static`: a pspnet-fast-train-style checkpoint (config recorded) to ONNX,
+    equal to the eager model in onnxruntime (static: the cheapest export; dynamic sizes are the tests above)."""
+    from pspnet_fast import cli
+
+    torch.manual_seed(0)
+    model = LightPSPNet(18, num_classes=3, width=2, bins=(1, 2, 3, 6))
+    lookalikes.randomize_bn(model)
+    ckpt = tmp_path / "train_epoch_1.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "config": {"layers": 18, "width": 2, "num_classes": 3, "use_ppm": True, "crop": [33, 41]}}, ckpt)
+    out = tmp_path / "psp.onnx"
+    assert cli.main(["export", str(ckpt), str(out), "--static", "--no-check"]) == 0
+    x = torch.randn(1, 3, 33, 41)
+    with torch.no_grad():
+        want = model.eval()(x)
+    assert _rel_err(_run(out, x)[0], want) <= 1e-4
