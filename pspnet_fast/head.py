@@ -85,7 +85,8 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
 
     ppm: a fused `pspnet_fast.PyramidPooling`; cls: the reference's Sequential (conv3x3, BatchNorm, ReLU, Dropout2d,
     conv1x1). Anything else (a reference ppm, a changed cls, a backend without head kernels) runs cls(ppm(x))."""
-    if torch.onnx.is_in_onnx_export():  # standard ONNX ops, exact at every size (pspnet_fast/export.py)
+    # torch.onnx.export: standard ONNX ops, exact at every size (pspnet_fast/export.py); Dynamo cannot trace it
+    if not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export():
         from .export import head_forward as export_forward
         return export_forward(x, ppm, cls)
     if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):

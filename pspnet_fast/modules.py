@@ -120,7 +120,8 @@ class PyramidPooling(_RefPyramidPooling):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         check_same_device(x, self.features[0][1].weight)
-        if torch.onnx.is_in_onnx_export():  # standard ONNX ops, exact at every size (pspnet_fast/export.py)
+        # torch.onnx.export: standard ONNX ops, exact at every size (pspnet_fast/export.py); Dynamo cannot trace it
+        if not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export():
             from .export import ppm_forward as export_forward
             return export_forward(self, x)
         backend = ops.choose_backend(x, self.backend)

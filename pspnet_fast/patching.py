@@ -260,7 +260,8 @@ class PatchedPyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         check_same_device(x, self._parts()[0][0].weight)
-        if torch.onnx.is_in_onnx_export():  # standard ONNX ops, exact at every size (pspnet_fast/export.py)
+        # torch.onnx.export: standard ONNX ops, exact at every size (pspnet_fast/export.py); Dynamo cannot trace it
+        if not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export():
             from .export import ppm_forward as export_forward
             return export_forward(self, x)
         backend = ops.choose_backend(x, self.backend)
