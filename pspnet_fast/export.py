@@ -327,6 +327,22 @@ def _dynamic_shapes(args: tuple, dynamic):
     return tuple({0: d, 2: d, 3: d} if isinstance(a, torch.Tensor) and a.dim() == 4 else None for a in args)
 
 
+def _trace_example(args: tuple, dynamic) -> tuple:
+    """With dynamic=True, the example with N, H and W of every 4-D input raised to at least 2: torch.export
+    specializes a dimension of size 1 to the constant 1 (its 0/1 specialization), which would bake N = 1 or H = 1
+    into the graph. The graph traced at 2 is the same function at every size."""
+    if dynamic is not True:
+        return args
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and min(a.shape[0], a.shape[2], a.shape[3]) < 2:
+            n, c, h, w = a.shape
+            g = torch.Generator().manual_seed(0)
+            a = torch.randn((max(n, 2), c, max(h, 2), max(w, 2)), generator=g).to(dtype=a.dtype, device=a.device)
+        out.append(a)
+    return tuple(out)
+
+
 def _check_eval(model: torch.nn.Module, what: str) -> None:
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
     if training:
@@ -359,6 +375,8 @@ def _inexact_pools(model: torch.nn.Module) -> list[str]:
                     found.append(q)
             walk(child, q + ".")
 
+    if isinstance(model, fused):
+        return []
     if isinstance(model, torch.nn.AdaptiveAvgPool2d):
         return ["<root>"]
     walk(model, "")
@@ -418,7 +436,11 @@ def check_onnx(model: torch.nn.Module, path, inputs, rtol: float = 1e-4) -> floa
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, [a for a in args if isinstance(a, torch.Tensor)])}
-    got = sess.run(None, feeds)
+    try:
+        got = sess.run(None, feeds)
+    except Exception as e:  # e.g. a size baked into a Reshape: the graph is not the model's function at these sizes
+        raise ExportError(f"onnxruntime could not run {os.fspath(path)} at input shapes "
+                          f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}: {e}") from e
     with torch.no_grad():
         want = _flatten(model(*args))
     if len(got) != len(want):
@@ -444,7 +466,8 @@ def export_onnx(model: torch.nn.Module, path, example, dynamic=True, *, opset: i
     torch.onnx.ONNXProgram.
 
     example: a tensor or tuple of tensors (e.g. (1, 3, 473, 473) images or (1, C, H, W) features). dynamic: True makes
-    N, H and W of every 4-D input dynamic (the graph is exact at every size: see this module's docstring), False
+    N, H and W of every 4-D input dynamic (the graph is exact at every size: see this module's docstring; a size 1 in
+    the example is traced at 2, as torch.export would bake a 1 into the graph), False
     keeps the example's sizes, anything else is passed as torch.export's dynamic_shapes. opset: None for the
     exporter's default; one older than OLDEST_OPSET, or one the exporter's converter does not reach (torch.onnx then
     writes MIN_OPSET), raises ExportError. check: runs the file in onnxruntime on the example and on an unseen size
@@ -462,7 +485,8 @@ def export_onnx(model: torch.nn.Module, path, example, dynamic=True, *, opset: i
     args = _as_args(example)
     kw = {} if opset is None else {"opset_version": int(opset)}
     with torch.no_grad():
-        program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(args, dynamic),
+        program = torch.onnx.export(model, _trace_example(args, dynamic), dynamo=True,
+                                    dynamic_shapes=_dynamic_shapes(args, dynamic),
                                     input_names=input_names, output_names=output_names, optimize=optimize,
                                     verbose=verbose, **kw)
     program.save(os.fspath(path))
@@ -491,7 +515,8 @@ def export_aoti(model: torch.nn.Module, path, example, dynamic=True, *, check: b
     _check_eval(model, "export_aoti")
     args = _as_args(example)
     with torch.no_grad():
-        ep = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args, dynamic))
+        ep = torch.export.export(model, _trace_example(args, dynamic),
+                                 dynamic_shapes=_dynamic_shapes(args, dynamic))
         out = torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path),
                                                        inductor_configs=inductor_configs)
     if check:
