@@ -510,7 +510,7 @@ def export_aoti(model: torch.nn.Module, path, example, dynamic=True, *, check: b
     dynamic_shapes), then torch._inductor.aoti_compile_and_package. The package calls the fused ops
     (torch.ops.pspnet_fast.*) through the dispatcher and does not contain them: the process that loads it must have
     registered them (`import pspnet_fast`, then `load_aoti(path)` or torch._inductor.aoti_load_package(path));
-    without, running it fails with an unknown-operator error. check: loads the package here and compares it with the
+    without, loading fails ("RuntimeError: Could not find schema for pspnet_fast::pyramid_pool"). check: loads the package here and compares it with the
     eager model on the example and on an unseen size."""
     _check_eval(model, "export_aoti")
     args = _as_args(example)
