@@ -13,20 +13,21 @@ whose every index and weight is computed from the input's shape inside the graph
                                  ATen's source index, clamps and lambdas for both align_corners modes (float32)
     the fused head's context   = per level, two products with the tap-shifted U matrices (no 9x upsampled copy)
 
-so the ONNX graph holds only MatMul, Range, Cast, Mul/Div/Sub/Add, Floor, Min/Max, Less/Equal/Where, Concat,
-Reshape, Relu, Conv: standard ops of every opset the exporter writes (18 and its default).
+so the ONNX graph holds only MatMul, Range, Shape, Cast, Mul/Div/Sub/Add, Floor, Min/Clip, Less/Equal/And, Concat,
+Reshape, Relu, Conv: standard ops, written at opset 18 (the exporter's default), 15-17 through its converter.
 
 How it reaches the graph, with nothing passed by the user:
 - pspnet_fast's modules (PyramidPooling, PSPHead, the PPMs `pspnet_fast.patch()` installs) take the formulation
-  while `torch.onnx.is_in_onnx_export()` (a one-line hook in their forward calls `ppm_forward` / `head_forward`
-  here), whatever backend they would run (the reference fallback included);
+  while `torch.onnx.is_in_onnx_export()` (a three-line hook in their forward calls `ppm_forward` / `head_forward`
+  here; not under Dynamo, which cannot trace the query), whatever backend they would run (the reference fallback
+  included);
 - the dispatcher ops themselves (`torch.ops.pspnet_fast.*`, e.g. in an ExportedProgram made by torch.export and
   handed to torch.onnx.export, or called directly by a user's module) get the formulation as their decomposition in
   `torch._decomp.decomposition_table`, which torch.onnx's dynamo exporter applies to every op it has no ONNX
   function for (`register_onnx_decompositions`, run when this module is imported). Nothing else reads those entries
   (torch.compile and torch.export's default decompositions select their own ops).
 
-AOTInductor: `export_aoti` = torch.export (dynamic H, W) + `torch._inductor.aoti_compile_and_package`; the package
+AOTInductor: `export_aoti` = torch.export (dynamic N, H, W) + `torch._inductor.aoti_compile_and_package`; the package
 calls the fused ops through the dispatcher, so the loading process must have them registered (`import pspnet_fast`).
 """
 from __future__ import annotations
@@ -211,7 +212,7 @@ KERNELS = ops.OpSet(pyramid_pool=pyramid_pool, ppm_reduce=ppm_reduce, upsample_c
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# What the modules run while torch.onnx exports them (their one-line hooks call these).
+# What the modules run while torch.onnx exports them (their hooks call these).
 # ----------------------------------------------------------------------------------------------------------------
 def _legacy_exporting() -> bool:
     """torch.onnx.export(..., dynamo=False) is tracing (is_in_onnx_export() without the dynamo exporter's flag)."""
@@ -254,13 +255,15 @@ def ppm_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def head_forward(x: torch.Tensor, ppm: torch.nn.Module, cls: torch.nn.Sequential) -> torch.Tensor:
     """The fused PSP head's eval forward in the export formulation: conv3x3(x; W_X) over x's C channels plus the
     levels' context (two small products per level), folded BatchNorm and ReLU, then cls[3:] (dropout, classifier)."""
-    from .head import _context_q, _folded_bn, _is_standard_cls, _split_weight  # noqa: WPS433 (head imports us lazily)
+    from ._checks import check_feature_map
+    from .head import _context_q, _folded_bn, _is_standard_cls, _split_weight  # lazily: head.py imports this module
     from .modules import PyramidPooling
 
     _check_exportable(cls, "the PSP head's cls")
     if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
         return cls(ppm(x))
     _check_exportable(ppm, "the PSP head's ppm")
+    check_feature_map(x, ppm.in_channels)
     conv, bn, act, drop, classifier = cls
     pooled = pyramid_pool(x, ppm.bins)
     levels = ppm._levels(KERNELS, pooled)  # (N, R, S), float32 (float64)
@@ -268,7 +271,10 @@ def head_forward(x: torch.Tensor, ppm: torch.nn.Module, cls: torch.nn.Sequential
     q = _context_q(ppm.bins, level_weight, levels)  # (N, O, 9, S)
     z = F.conv2d(x, wx, None, 1, 1)
     folded = _folded_bn(bn, q.dtype)
-    y = head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
+    if folded is not None:
+        y = head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
+    else:  # a BatchNorm without running statistics: the module's own, as in eager
+        y = act(bn(head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)))
     return classifier(drop(y))
 
 
