@@ -16,6 +16,7 @@ setup: $(VENV)/.setup-done
 $(VENV)/.setup-done:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pillow pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
+	$(PY) -m pip install -q onnx onnxscript onnxruntime  # the export extra (.[export]): tests/test_export.py runs
 	touch $@
 
 build: $(VENV)/.build-done

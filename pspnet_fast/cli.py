@@ -1,6 +1,7 @@
 """The `pspnet-fast` command: `info` (what was built and why not), `bench` (the benchmark suite), `train` and `eval`
 (the PSPNet authors' training recipe and test protocol; `--data synthetic` runs with no download), `convert`
-(checkpoint keys to PSPNet's layout, pspnet_fast/interop/convert.py). The top layer: it uses every other one."""
+(checkpoint keys to PSPNet's layout, pspnet_fast/interop/convert.py), `export` (ONNX or AOTInductor,
+pspnet_fast/interop/export.py). The top layer: it uses every other one."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,11 @@ import torch
 
 from . import __version__, ops
 from .benchmarks import suite
-from .interop import convert
+from .interop import convert, export
+from .models import load_checkpoint
 from .ops import _ext
 from .training import evaluate, train
+from .training.builders import build_model
 
 
 def _info(args) -> int:
@@ -38,6 +41,51 @@ def _info(args) -> int:
     print("backends:")
     for name, st in ops.available_backends().items():
         print(f"  {name:<10} {'runs here' if st['available'] else 'unavailable: ' + st['reason']}")
+    return 0
+
+
+def _export(argv, prog="pspnet-fast export") -> int:
+    """`pspnet-fast export CHECKPOINT OUT`: a PSPNet checkpoint (pspnet-fast train's, or convert's with --layers
+    etc.) to an ONNX file (dynamic N, H, W; checked in onnxruntime) or an AOTInductor package (--aoti)."""
+    p = argparse.ArgumentParser(prog=prog, description=_export.__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a checkpoint ({'state_dict': ...} or a state_dict; 'config' read if present)")
+    p.add_argument("out", help="the .onnx file (or, with --aoti, the .pt2 package) to write")
+    p.add_argument("--aoti", action="store_true", help="an AOTInductor package instead of ONNX (loading it needs "
+                                                       "`import pspnet_fast` in the loading process)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="example image size (default: the checkpoint's crop, else 473 473)")
+    p.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
+    p.add_argument("--static", action="store_true", help="fixed N, H, W (the example's) instead of dynamic")
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default: the exporter's; >= "
+                                                           f"{export.OLDEST_OPSET})")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the result against the eager model (onnxruntime / the package)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the checkpoint's)")
+    p.add_argument("--layers", type=int, default=None, help="backbone depth (default: the checkpoint's, else 50)")
+    p.add_argument("--width", type=int, default=None, help="width for layers 18/34 (default: the checkpoint's)")
+    p.add_argument("--no-ppm", dest="use_ppm", action="store_false", default=None, help="the model has no pyramid")
+    args = p.parse_args(argv)
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    cfg = dict(ckpt.get("config", {})) if isinstance(ckpt, dict) else {}
+    for key in ("layers", "width", "num_classes", "use_ppm"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg.get("num_classes") is None:
+        p.error("--num-classes is required: the checkpoint does not record it")
+    model = build_model(cfg.get("layers", 50), cfg["num_classes"], cfg.get("width", 64), cfg.get("use_ppm", True))
+    load_checkpoint(model, args.checkpoint)
+    crop = args.size or cfg.get("crop") or (473, 473)
+    crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    example = torch.randn(args.batch, 3, crop[0], crop[-1])
+    model.eval()
+    if args.aoti:
+        out = export.export_aoti(model, args.out, example, dynamic=not args.static, check=args.check)
+    else:
+        export.export_onnx(model, args.out, example, dynamic=not args.static, opset=args.opset, check=args.check,
+                           input_names=["image"], output_names=["logits"])
+        out = args.out
+    print(f"wrote {out} ({'static' if args.static else 'dynamic N, H, W'}; example {tuple(example.shape)}"
+          f"{'; checked against eager' if args.check else ''})")
     return 0
 
 
@@ -67,6 +115,8 @@ def _run(argv) -> int:
     if argv and argv[0] in ("train", "eval"):
         # Each owns its arguments (`pspnet-fast train --help`).
         return (train if argv[0] == "train" else evaluate).main(argv[1:], prog=f"pspnet-fast {argv[0]}")
+    if argv and argv[0] == "export":
+        return _export(argv[1:])
     if argv and argv[0] == "convert":
         return convert.main(argv[1:], prog="pspnet-fast convert")
     p = argparse.ArgumentParser(prog="pspnet-fast", description="Fused Pyramid Pooling Module and PSPNet head")
@@ -84,6 +134,9 @@ def _run(argv) -> int:
     sub.add_parser("convert", add_help=False,
                    help="rewrite an authors' or mmsegmentation checkpoint to PSPNet's keys "
                         "(pspnet-fast convert --help)")
+    sub.add_parser("export", add_help=False,
+                   help="a PSPNet checkpoint to ONNX (exact at any N, H, W) or an AOTInductor package "
+                        "(pspnet-fast export --help)")
     args = p.parse_args(argv)
     return _info(args)
 

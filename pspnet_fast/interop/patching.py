@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import decompositions
 from ..ops import order as _order
 from .._checks import check_feature_map, check_same_device
 from ..nn.ppm import PyramidPooling as FusedPyramidPooling
@@ -261,6 +262,8 @@ class PatchedPyramidPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         check_same_device(x, self._parts()[0][0].weight)
+        if decompositions.onnx_exporting():  # standard ONNX ops, exact at every size (ops/decompositions.py)
+            return decompositions.ppm_module_forward(self, x)
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
             return self._reference_forward(x)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import decompositions
 from .._checks import check_feature_map, check_same_device
 from .ppm import PyramidPooling, _folded_bn, double_backward_error, fallback_reason, warn_fallback
 from ..reference import PSPHead as _RefPSPHead
@@ -85,6 +86,8 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
 
     ppm: a fused `pspnet_fast.PyramidPooling`; cls: the reference's Sequential (conv3x3, BatchNorm, ReLU, Dropout2d,
     conv1x1). Anything else (a reference ppm, a changed cls, a backend without head kernels) runs cls(ppm(x))."""
+    if decompositions.onnx_exporting():  # standard ONNX ops, exact at every size (ops/decompositions.py)
+        return _export_forward(x, ppm, cls)
     if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
         return cls(ppm(x))
     check_feature_map(x, ppm.in_channels)
@@ -121,6 +124,28 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
                 y = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
             else:
                 y = act(bn(kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)))
+    return classifier(drop(y))
+
+
+def _export_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential) -> torch.Tensor:
+    """The fused PSP head's eval forward in the export formulation: conv3x3(x; W_X) over x's C channels plus the
+    levels' context (two small products per level), folded BatchNorm and ReLU, then cls[3:] (dropout, classifier)."""
+    decompositions.check_exportable(cls, "the PSP head's cls")
+    if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
+        return cls(ppm(x))
+    decompositions.check_exportable(ppm, "the PSP head's ppm")
+    check_feature_map(x, ppm.in_channels)
+    conv, bn, act, drop, classifier = cls
+    pooled = decompositions.pyramid_pool(x, ppm.bins)
+    levels = ppm._levels(decompositions.KERNELS, pooled)  # (N, R, S), float32 (float64)
+    wx, level_weight = _split_weight(conv.weight, ppm.in_channels, ppm.reduction_channels, x.dtype, levels.dtype)
+    q = _context_q(ppm.bins, level_weight, levels)  # (N, O, 9, S)
+    z = F.conv2d(x, wx, None, 1, 1)
+    folded = _folded_bn(bn, q.dtype)
+    if folded is not None:
+        y = decompositions.head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
+    else:  # a BatchNorm without running statistics: the module's own, as in eager
+        y = act(bn(decompositions.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)))
     return classifier(drop(y))
 
 

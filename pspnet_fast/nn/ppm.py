@@ -11,6 +11,7 @@ from torch.nn.modules import module as _nn_module
 from torch.nn.utils import parametrize, prune
 
 from .. import ops
+from ..ops import decompositions
 from ..ops import order as _order
 from .._checks import check_feature_map, check_same_device
 from ..reference import PyramidPooling as _RefPyramidPooling
@@ -196,6 +197,8 @@ class PyramidPooling(_RefPyramidPooling):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.in_channels)
         check_same_device(x, self.features[0][1].weight)
+        if decompositions.onnx_exporting():  # standard ONNX ops, exact at every size (ops/decompositions.py)
+            return decompositions.ppm_module_forward(self, x)
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
             return super().forward(x)

@@ -17,8 +17,9 @@ head_context_backward; see pspnet_fast/nn/head.py). Modules:
     autograd.py    autograd formulas, registered once per backend (ensure_registered)
     order.py       x first or x last ([levels..., x], segmentation_models_pytorch's order)
     functional.py  calls that pick a backend's native op where it has one (ppm_forward)
+    decompositions.py  the ops in plain torch with shape-derived indices: what torch.onnx exports (exact, any size)
 """
-from . import _ext
+from . import _ext, decompositions
 from .autograd import ensure_registered
 from .backends import (BACKENDS, OpSet, available_backends, check_backend_name, choose_backend, op_set, why_not)
 from .fake import total_bins
