@@ -24,7 +24,7 @@ import types
 import torch
 from torch import nn
 
-import pspnet_fast
+from pspnet_fast.interop.patching import patch
 from pspnet_fast.reference import PyramidPooling as RefPPM
 from pspnet_fast.reference import _make_cls
 
@@ -117,7 +117,7 @@ class _TensorMode(nn.Module):
 
 def _patched(backend, ref):
     model = copy.deepcopy(ref)
-    result = pspnet_fast.patch(model, backend=backend)
+    result = patch(model, backend=backend)
     if not result.heads:
         raise RuntimeError(f"patch() fused no head: skipped {result.skipped}")
     return model
