@@ -225,8 +225,26 @@ def prove_authors(parent: nn.Module, ppm: nn.Module, cls: nn.Module, project_typ
                         is not nn.Module._call_impl):
         why = f"{type(parent).__name__} overrides __call__"
     if why is None:
-        why = _forward_source_proof(type(parent), "ppm", "cls")
+        why = _forward_source_proof(type(parent), "ppm", "cls") or _other_methods_use(type(parent), "ppm")
     return "authors", why
+
+
+def _other_methods_use(cls_type: type, attr: str) -> str | None:
+    """A method of the user's classes (other than forward and __init__) that reads self.<attr>: it could call the
+    PPM inside the armed forward and receive the token."""
+    for klass in cls_type.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            return f"the source of {klass.__name__} cannot be read"
+        for f in ast.walk(tree):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name not in ("forward", "__init__"):
+                if any(isinstance(n, ast.Attribute) and n.attr == attr and isinstance(n.ctx, ast.Load)
+                       for n in ast.walk(f)):
+                    return f"{klass.__name__}.{f.name} uses .{attr} too"
+    return None
 
 
 def fuse_authors(parent: nn.Module) -> None:

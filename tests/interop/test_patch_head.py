@@ -186,7 +186,12 @@ def test_head_false_and_idempotent():
     _check_same(model, patched, torch.randn(2, 3, 6, 6), False)
 
 
-@pytest.mark.parametrize("cls_", [ReadsBetween, TwoUses])
+class HelperUsesPPM(AuthorsPSPNet):
+    def levels(self, x):
+        return self.ppm(x)
+
+
+@pytest.mark.parametrize("cls_", [ReadsBetween, TwoUses, HelperUsesPPM])
 def test_unproven_forward_keeps_head(cls_):
     model = la.randomize_bn(cls_())
     patched = copy.deepcopy(model)
