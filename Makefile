@@ -10,13 +10,23 @@ export CUDA_HOME
 SHELL := /bin/bash
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
-.PHONY: setup build bench test info clean
+# The peers (segmentation_models_pytorch, mmsegmentation + mmcv-lite) for tests/interop/test_peers.py: the pins of
+# pyproject's `peers` extra, torch kept at $(TORCH_VERSION) (smp pulls the matching torchvision). ~2 min, ~300 MB
+# (scipy, opencv, matplotlib come with mmseg/mmengine).
+PEERS := "segmentation-models-pytorch==0.6.0" "mmsegmentation==1.2.2" "mmcv-lite==2.1.0" "mmengine==0.10.7" ftfy regex
+
+.PHONY: setup peers build bench test info clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy pillow pytest pytest-benchmark pybind11 packaging "setuptools>=64" wheel
 	$(PY) -m pip install -q onnx onnxscript onnxruntime  # the export extra (.[export]): tests/test_export.py runs
+	touch $@
+
+peers: $(VENV)/.peers-done
+$(VENV)/.peers-done: $(VENV)/.setup-done
+	$(PY) -m pip install -q $(PEERS) torch==$(TORCH_VERSION)
 	touch $@
 
 build: $(VENV)/.build-done
@@ -33,7 +43,7 @@ bench: build
 	$(VENV)/bin/pspnet-fast info
 	$(VENV)/bin/pspnet-fast bench $(BENCH_ARGS)
 
-test: build
+test: build peers
 	$(VENV)/bin/pspnet-fast info
 	$(PY) -m pytest -q tests $(TEST_ARGS)
 

@@ -30,9 +30,15 @@ from .. import ops
 from ..ops import decompositions
 from ..ops import order as _order
 from .._checks import check_feature_map, check_same_device
+from ..models.light import LightPSPNet
+from ..models.pspnet import PSPNet as ProjectPSPNet
+from ..nn.head import PSPHead as FusedPSPHead
+from ..nn.head import _is_standard_cls
 from ..nn.ppm import PyramidPooling as FusedPyramidPooling
-from ..nn.ppm import _FusedPPMFunction, _folded_bn
+from ..nn.ppm import _FusedPPMFunction, _folded_bn, fallback_reason, warn_fallback
+from ..reference import PSPHead as RefPSPHead
 from ..reference import PyramidPooling as RefPyramidPooling
+from . import heads as _heads
 
 __all__ = ["patch", "PatchResult", "PatchedPyramidPooling", "STYLES"]
 
@@ -44,11 +50,14 @@ _CONVENTIONS = {"authors": (False, True), "mmseg": (False, False), "smp": (True,
 
 
 class PatchResult(list):
-    """The qualified names replaced (a list), with `.skipped`: [(qualified name, reason)] of the candidates left."""
+    """The qualified names of the PPMs (or mmseg heads) replaced (a list), with `.heads`: the qualified names of the
+    modules fused with their PPM (`cls`, `decode_head.bottleneck`, `decoder.conv`), and `.skipped`: [(qualified name,
+    reason)] of the candidates left (PPMs, and heads whose PPM is fused alone)."""
 
-    def __init__(self, names=(), skipped=()):
+    def __init__(self, names=(), skipped=(), heads=()):
         super().__init__(names)
         self.skipped = list(skipped)
+        self.heads = list(heads)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -260,12 +269,19 @@ class PatchedPyramidPooling(nn.Module):
         return self._cat(x, ups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deferred = _heads.take_deferred(self, x)  # armed by the parent of a fused authors' head (interop/heads.py)
+        if deferred is not None:
+            return deferred
         check_feature_map(x, self.in_channels)
         check_same_device(x, self._parts()[0][0].weight)
         if decompositions.onnx_exporting():  # standard ONNX ops, exact at every size (ops/decompositions.py)
             return decompositions.ppm_module_forward(self, x)
         backend = ops.choose_backend(x, self.backend)
         if backend == "reference":
+            return self._reference_forward(x)
+        why = fallback_reason(self, x)  # hooks, pruning, parametrizations, forward AD, tracing: the reference
+        if why is not None:
+            warn_fallback(type(self).__name__, why)
             return self._reference_forward(x)
         ops.ensure_registered(backend)
         kernels = ops.op_set(backend)
@@ -282,9 +298,6 @@ class PatchedPyramidPooling(nn.Module):
 # ------------------------------------------------------------------------------------------------------------------
 # mmsegmentation's PSPHead: replaced by an instance of a subclass of its own class.
 # ------------------------------------------------------------------------------------------------------------------
-_HEAD_CLASSES: dict[type, type] = {}
-
-
 def _fused_forward_feature(self, inputs):
     x = self._transform_inputs(inputs) if hasattr(self, "_transform_inputs") else inputs
     return self.bottleneck(self.psp_modules(x))  # psp_modules: the fused PPM, cat([x] + levels) in one pass
@@ -294,29 +307,34 @@ def _fused_head_forward(self, inputs):
     return self.cls_seg(self._forward_feature(inputs))
 
 
-def _fused_head_class(cls: type) -> type:
-    if cls not in _HEAD_CLASSES:
-        _HEAD_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": _fused_head_forward, "_forward_feature": _fused_forward_feature,
-            "__doc__": f"{cls.__qualname__} with its PPM fused by pspnet_fast.patch (same keys, same outputs)."})
-    return _HEAD_CLASSES[cls]
+_PPM_ONLY = {"forward": _fused_head_forward, "_forward_feature": _fused_forward_feature}
+_WITH_HEAD = {"forward": _fused_head_forward, "_forward_feature": _heads.mmseg_forward_feature}
 
 
-def _patch_mmseg_head(head: nn.Module, backend: str):
+def _patch_mmseg_head(head: nn.Module, backend: str, fuse_head: bool):
+    """(new head, "", head note) or (None, reason, None); head note: None (head=False), ("fused", None) or ("skip",
+    reason)."""
     if not callable(getattr(head, "cls_seg", None)):
-        return None, "PSPHead-like module without cls_seg (dropout -> conv_seg)"
+        return None, "PSPHead-like module without cls_seg (dropout -> conv_seg)", None
     ppm = head.psp_modules
     branches, why = _parse_branches(ppm, "", via_pool=False)
     if branches is None:
-        return None, why
+        return None, why, None
     ac = getattr(head, "align_corners", getattr(ppm, "align_corners", _CONVENTIONS["mmseg"][1]))
     fused_ppm = PatchedPyramidPooling(ppm, branches, ac, x_last=False, backend=backend, source="mmseg PPM")
-    new = _fused_head_class(type(head)).__new__(_fused_head_class(type(head)))
+    note, methods = None, _PPM_ONLY
+    if fuse_head:
+        head_why = _heads.prove_mmseg(head, fused_ppm)
+        note = ("skip", head_why) if head_why else ("fused", None)
+        methods = _PPM_ONLY if head_why else _WITH_HEAD
+    what = "its PPM and bottleneck" if methods is _WITH_HEAD else "its PPM"
+    cls = _heads.fused_class(type(head), methods, what)
+    new = cls.__new__(cls)
     new.__dict__ = dict(head.__dict__)
     for d in ("_modules", "_parameters", "_buffers"):
         new.__dict__[d] = dict(head.__dict__[d])
     new._modules["psp_modules"] = fused_ppm
-    return new, ""
+    return new, "", note
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -333,17 +351,24 @@ def _branch_lists(m: nn.Module) -> list[str]:
     return [n for n, c in m.named_children() if type(c) is nn.ModuleList and _has_pool_branches(c)]
 
 
-def _try(m: nn.Module, style: str, backend: str):
-    """(replacement, "") when m is recognized, (None, reason) for a candidate left alone, (None, None) otherwise."""
+def _try(m: nn.Module, style: str, backend: str, head: bool = False):
+    """(replacement, "", head note) when m is recognized, (None, reason, None) for a candidate left alone, (None,
+    None, None) otherwise. The head note (mmseg): ("fused", None), ("skip", reason) or None."""
     if isinstance(m, (FusedPyramidPooling, PatchedPyramidPooling)):
-        return None, None
+        return None, None, None
+    if head and type(m) is RefPSPHead and m.ppm.reduction_channels is not None:
+        return FusedPSPHead.from_reference(m, backend=backend), "", ("fused", None)
     if isinstance(m, RefPyramidPooling):
-        return FusedPyramidPooling.from_reference(m, backend=backend), ""
+        return FusedPyramidPooling.from_reference(m, backend=backend), "", None
     kids = dict(m.named_children())
     if _has_pool_branches(kids.get("psp_modules")) and "bottleneck" in kids and "conv_seg" in kids:
         if style not in ("auto", "mmseg"):
-            return None, f"an mmsegmentation PSPHead, but style={style!r}"
-        return _patch_mmseg_head(m, backend)
+            return None, f"an mmsegmentation PSPHead, but style={style!r}", None
+        return _patch_mmseg_head(m, backend, head)
+    return (*_try_branch_list(m, kids, style, backend), None)
+
+
+def _try_branch_list(m: nn.Module, kids: dict, style: str, backend: str):
     if _has_pool_branches(m):
         if type(m) is nn.ModuleList:
             return None, None  # a plain list: its owner is the candidate
@@ -435,9 +460,52 @@ def _verify(original: nn.Module, replacement: nn.Module, size: int = 7, batch: i
     return None
 
 
-def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: bool = True) -> PatchResult:
+_PROJECT_MODELS = (ProjectPSPNet, LightPSPNet)  # their forward runs psp_head_forward over a fused ppm
+
+
+def _head_authors(parent: nn.Module, backend: str):
+    """The authors' layout (`ppm` then `cls` in the parent's forward): (note, cls name) with note ("fused", None) or
+    ("skip", reason); None when the parent is no candidate (no fused ppm + cls pair, or fused already)."""
+    ppm, cls = parent._modules.get("ppm"), parent._modules.get("cls")
+    if not isinstance(ppm, (FusedPyramidPooling, PatchedPyramidPooling)) or cls is None \
+            or isinstance(cls, _heads.PatchedCls):
+        return None
+    kind, why = _heads.prove_authors(parent, ppm, cls, _PROJECT_MODELS)
+    if kind == "project":
+        ok = isinstance(ppm, FusedPyramidPooling) and _is_standard_cls(cls)
+        return ("fused", None) if ok else ("skip", "pspnet_fast's model with a changed ppm or cls"), "cls"
+    if why is None and isinstance(ppm, FusedPyramidPooling):
+        # pspnet_fast.PyramidPooling under a parent of the user's: the same children, as the module the parent's
+        # forward arms (PatchedPyramidPooling defers to the fused cls).
+        branches, why = _parse_branches(ppm.features, "features.", via_pool=False)
+        if branches is not None:
+            parent._modules["ppm"] = PatchedPyramidPooling(ppm, branches, ppm.align_corners, False,
+                                                           backend=ppm.backend, source="authors PyramidPooling")
+    if why is not None:
+        return ("skip", why), "cls"
+    _heads.fuse_authors(parent)
+    return ("fused", None), "cls"
+
+
+def _head_smp(parent: nn.Module):
+    """segmentation_models_pytorch's PSPDecoder (`psp` x last, then `conv`): as _head_authors."""
+    psp, conv = parent._modules.get("psp"), parent._modules.get("conv")
+    if not (isinstance(psp, PatchedPyramidPooling) and psp.x_last) or conv is None or _heads.is_fused_class(parent):
+        return None
+    why = _heads.prove_smp(parent)
+    if why is not None:
+        return ("skip", why), "conv"
+    parent.__class__ = _heads.fused_class(type(parent), {"forward": _heads.smp_forward}, "its PPM and 1x1 conv")
+    return ("fused", None), "conv"
+
+
+def patch(model: nn.Module, style: str = "auto", backend: str = "auto", head: bool = True,
+          verify: bool = True) -> PatchResult:
     """Replaces, in place, every pyramid pooling module (or mmsegmentation PSPHead) of `model` that it recognizes by
-    a fused equivalent carrying the same parameters and buffers under the same state_dict keys.
+    a fused equivalent carrying the same parameters and buffers under the same state_dict keys; with `head` (the
+    default), also the convolution that consumes the PPM's output, where the pattern is proven (interop/heads.py):
+    the authors' `cls[0..2]` after `ppm` in the parent's forward, mmsegmentation's PSPHead `bottleneck`,
+    segmentation_models_pytorch's PSPDecoder `conv`. head=False: the PPM alone.
 
     style: "auto" reads the convention off the module ("features" list: the authors', x first; "blocks" of PSPBlocks:
     segmentation_models_pytorch, x last; a head with psp_modules/bottleneck/conv_seg: mmsegmentation); "authors",
@@ -447,8 +515,9 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: 
     RNG state restored, no BatchNorm statistics updated); a mismatch leaves that module in place, with the reason in
     `.skipped`.
 
-    Returns a PatchResult: the list of qualified names replaced, with `.skipped` = [(name, reason)] for the modules
-    that looked like a PPM but were left alone (also logged at INFO on the "pspnet_fast.interop.patching" logger). The root
+    Returns a PatchResult: the list of qualified names replaced, `.heads` = the qualified names of the head modules
+    fused with their PPM, `.skipped` = [(name, reason)] for the modules that looked like a PPM but were left alone and
+    for the heads left as they are (also logged at INFO on the "pspnet_fast.interop.patching" logger). The root
     module itself is never replaced (it has no parent to be replaced in): use PatchedPyramidPooling or
     pspnet_fast.PyramidPooling.from_reference for a bare PPM."""
     if style not in STYLES:
@@ -460,9 +529,25 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: 
 
     def skip(name, why):
         result.skipped.append((name, why))
-        log.info("pspnet_fast.patch: skipped %s (%s): %s", name or "<root>", type_of[name], why)
+        log.info("pspnet_fast.patch: skipped %s (%s): %s", name or "<root>", type_of.get(name, "?"), why)
+
+    def note(q, got):
+        if got is None:
+            return
+        (kind, why), name = got
+        q = f"{q}.{name}" if q else name
+        if kind == "fused":
+            result.heads.append(q)
+            log.info("pspnet_fast.patch: fused %s with its PPM", q)
+        else:
+            skip(q, f"head not fused with the PPM: {why}")
 
     type_of = {}
+
+    def head_step(m: nn.Module, q: str):
+        if head:
+            note(q, _head_authors(m, backend))
+            note(q, _head_smp(m))
 
     def walk(parent: nn.Module, prefix: str, parent_skipped: bool):
         for name, child in list(parent._modules.items()):
@@ -470,7 +555,7 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: 
                 continue  # already fused
             q = f"{prefix}{name}"
             type_of[q] = type(child).__name__
-            new, why = _try(child, style, backend)
+            new, why, head_note = _try(child, style, backend, head)
             if new is not None and verify:
                 why = _verify(child, new)
                 new = None if why is not None else new
@@ -478,14 +563,17 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: 
                 parent._modules[name] = new
                 result.append(q)
                 log.info("pspnet_fast.patch: replaced %s (%s) by %s", q, type(child).__name__, type(new).__name__)
+                if head_note is not None:
+                    note(q, (head_note, "cls" if isinstance(new, FusedPSPHead) else "bottleneck"))
                 continue
             # The branch list of a module already reported is not reported again.
             if why is not None and not (parent_skipped and _has_pool_branches(child)):
                 skip(q, why)
             walk(child, q + ".", why is not None)
+            head_step(child, q)
 
     type_of[""] = type(model).__name__
-    new, why = _try(model, style, backend)
+    new, why, _ = _try(model, style, backend)
     if new is not None:
         why = ("the root module itself is a PPM: it has no parent to be replaced in; use "
                "pspnet_fast.PyramidPooling.from_reference or PatchedPyramidPooling")
@@ -493,4 +581,5 @@ def patch(model: nn.Module, style: str = "auto", backend: str = "auto", verify: 
         skip("", why)
     if not isinstance(model, (FusedPyramidPooling, PatchedPyramidPooling)):
         walk(model, "", why is not None)
+        head_step(model, "")
     return result

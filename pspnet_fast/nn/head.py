@@ -27,7 +27,7 @@ from .._checks import check_feature_map, check_same_device
 from .ppm import PyramidPooling, _folded_bn, double_backward_error, fallback_reason, warn_fallback
 from ..reference import PSPHead as _RefPSPHead
 
-__all__ = ["PSPHead", "psp_head_forward"]
+__all__ = ["PSPHead", "conv_head_forward", "conv_kernel_size", "psp_head_forward"]
 
 
 def _is_standard_cls(cls: nn.Module) -> bool:
@@ -37,11 +37,21 @@ def _is_standard_cls(cls: nn.Module) -> bool:
     (a weight-standardized conv, say), which the fused path would skip."""
     if not isinstance(cls, nn.Sequential) or len(cls) != 5:
         return False
-    conv = cls[0]
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
-            and conv.padding_mode == "zeros" and type(cls[1]) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+    return (conv_kernel_size(cls[0]) == 3 and cls[0].bias is None and type(cls[1]) in (nn.BatchNorm2d, nn.SyncBatchNorm)
             and isinstance(cls[2], nn.ReLU))
+
+
+def conv_kernel_size(conv: nn.Module) -> int | None:
+    """k when `conv` is a plain nn.Conv2d (exact type: a subclass may compute something else) of kernel k x k with
+    k in (1, 3), 'same' zero padding (k // 2), stride 1, dilation 1, one group; else None. Bias or not."""
+    if type(conv) is not nn.Conv2d or conv.kernel_size not in ((1, 1), (3, 3)):
+        return None
+    k = conv.kernel_size[0]
+    same = ((k // 2, k // 2), "same") + (("valid",) if k == 1 else ())
+    if (conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
+            or conv.padding not in same):
+        return None
+    return k
 
 
 def _conv_dtype(x: torch.Tensor) -> torch.dtype:
@@ -53,28 +63,59 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _level_weight(weight: torch.Tensor, C: int, R: int, l: int, dtype: torch.dtype) -> torch.Tensor:
-    """(O * 9, R) in dtype: row o * 9 + t holds W_l[o, :, t // 3, t % 3], W_l the conv weight's input channels
-    [C + l * R, C + (l + 1) * R)."""
-    O = weight.shape[0]
-    return weight[:, C + l * R:C + (l + 1) * R].reshape(O, R, 9).transpose(1, 2).reshape(O * 9, R).to(dtype)
+class _Layout:
+    """Where x and the levels sit among the conv's input channels: [x, level_0..level_{L-1}] (x first, the authors',
+    mmsegmentation) or [level_0..level_{L-1}, x] (x last, segmentation_models_pytorch); R channels a level; kernel
+    k = 1 or 3."""
+
+    def __init__(self, C: int, R: int, L: int, x_last: bool, k: int):
+        self.C, self.R, self.L, self.x_last, self.k = C, R, L, bool(x_last), k
+        self.x0 = L * R if x_last else 0
+        self.pad = k // 2
+
+    def level0(self, l: int) -> int:
+        return l * self.R if self.x_last else self.C + l * self.R
+
+    def level_slice(self, l: int) -> slice:
+        return slice(self.level0(l), self.level0(l) + self.R)
+
+    def x_slice(self) -> slice:
+        return slice(self.x0, self.x0 + self.C)
 
 
-def _split_weight(weight: torch.Tensor, C: int, R: int, conv_dtype: torch.dtype, acc: torch.dtype):
-    """W_X = weight[:, :C] in conv_dtype, and level_weight(l) -> (O * 9, R) in acc for level l, made when called
-    (one level's 9 * O * R copy at a time). Differentiable if `weight` is; nothing is cached (a cache keyed on the
-    weight's version would miss edits through `.data`)."""
-    return weight[:, :C].to(conv_dtype), lambda l: _level_weight(weight, C, R, l, acc)
+def _level_weight(weight: torch.Tensor, lay: _Layout, l: int, dtype: torch.dtype) -> torch.Tensor:
+    """(O * T, R) in dtype, T = 9 taps of a 3x3 conv (row o * 9 + t holds W_l[o, :, t // 3, t % 3]) or T = 1 for a
+    1x1 conv (the centre tap alone); W_l the conv weight's input channels of level l."""
+    O, R = weight.shape[0], lay.R
+    w = weight[:, lay.level_slice(l)]
+    if lay.k == 1:
+        return w.reshape(O, R).to(dtype)
+    return w.reshape(O, R, 9).transpose(1, 2).reshape(O * 9, R).to(dtype)
 
 
-def _context_q(bins, level_weight, levels: torch.Tensor) -> torch.Tensor:
-    """q (N, O, 9, S): per level, level_weight(l) (O * 9, R) @ levels[:, :, level l] (N, R, b * b)."""
+def _split_weight(weight: torch.Tensor, lay: _Layout, conv_dtype: torch.dtype, acc: torch.dtype):
+    """W_X (the weight's x channels) in conv_dtype, and level_weight(l) -> (O * T, R) in acc for level l, made when
+    called (one level's T * O * R copy at a time). Differentiable if `weight` is; nothing is cached (a cache keyed on
+    the weight's version would miss edits through `.data`)."""
+    return weight[:, lay.x_slice()].to(conv_dtype), lambda l: _level_weight(weight, lay, l, acc)
+
+
+def _context_q(bins, lay: _Layout, level_weight, levels: torch.Tensor) -> torch.Tensor:
+    """q (N, O, 9, S): per level, level_weight(l) (O * T, R) @ levels[:, :, level l] (N, R, b * b). A 1x1 conv fills
+    the centre tap (t = 4) and leaves the other eight zero: head_epilogue then adds exactly upsample(W_l @ P_l), at
+    the price of an epilogue that still walks nine taps (its per-pixel work is ~3x a centre-only pass; next to the
+    convolution over x it is small, see README) and a q nine times the needed size (O * S values: a few KB)."""
     n, S = levels.shape[0], levels.shape[2]
     parts, off = [], 0
     for l, b in enumerate(bins):
-        parts.append(torch.matmul(level_weight(l), levels[:, :, off:off + b * b]))  # (N, O * 9, b * b)
+        parts.append(torch.matmul(level_weight(l), levels[:, :, off:off + b * b]))  # (N, O * T, b * b)
         off += b * b
-    return torch.cat(parts, 2).view(n, parts[0].shape[1] // 9, 9, S)
+    cat = torch.cat(parts, 2)
+    if lay.k == 3:
+        return cat.view(n, cat.shape[1] // 9, 9, S)
+    q = cat.new_zeros(n, cat.shape[1], 9, S)
+    q[:, :, 4] = cat
+    return q
 
 
 def _no_autocast(x: torch.Tensor):
@@ -90,24 +131,57 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
         return _export_forward(x, ppm, cls)
     if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
         return cls(ppm(x))
-    check_feature_map(x, ppm.in_channels)
-    check_same_device(x, cls[0].weight)
-    name = ops.choose_backend(x, backend)
-    if name == "reference":
-        return cls(ppm(x))
-    why = fallback_reason(ppm, x, True, "ppm.") or fallback_reason(cls, x, True, "cls.")
-    if why is not None:
+    why = fallback_reason(cls, x, True, "cls.")  # hooks on cls itself or its dropout/classifier too
+    if why is not None and ops.choose_backend(x, backend) != "reference":
         warn_fallback("PSPHead", why, stacklevel=6)  # via PSPHead.forward or PSPNet.forward
         return cls(ppm(x))
+    conv, bn, act, drop, classifier = cls
+    y = conv_head_forward(x, ppm, conv, bn, act, backend)
+    return classifier(drop(y))
+
+
+def conv_head_forward(x: torch.Tensor, ppm: nn.Module, conv: nn.Conv2d, norm: nn.Module | None,
+                      act: nn.Module | None, backend: str = "auto") -> torch.Tensor:
+    """act(norm(conv(ppm(x)))) computed without ppm's concatenation where a fused backend runs x.
+
+    x: (N, C, H, W), float32/float64/float16/bfloat16, any layout. ppm: a fused PPM with equal reduction channels R
+    (`pspnet_fast.PyramidPooling`, or pspnet_fast.patch's PatchedPyramidPooling with `x_last` for [levels, x]);
+    conv: nn.Conv2d over ppm's C + L * R output channels, kernel 1 (padding 0) or 3 (padding 1), with or without
+    bias; norm: a BatchNorm (folded in eval; in training the module itself runs on conv's output, batch statistics
+    and running-stat updates as the original's) or None; act: the head's own activation module (nn.ReLU is applied in
+    the epilogue in eval; any other module, or training, runs the module itself) or None. Returns (N, O, H, W). The
+    caller proves the pattern; anything this cannot run (a reference backend, no head kernels) runs the modules."""
+    seq = [m for m in (conv, norm, act) if m is not None]
+
+    def modules(t):
+        for m in seq:
+            t = m(t)
+        return t
+
+    k = conv_kernel_size(conv)
+    R = getattr(ppm, "reduction_channels", None)
+    if k is None or R is None or not hasattr(ppm, "_levels"):
+        return modules(ppm(x))
+    check_feature_map(x, ppm.in_channels)
+    check_same_device(x, conv.weight)
+    name = ops.choose_backend(x, backend)
+    if name == "reference":
+        return modules(ppm(x))
+    why = fallback_reason(ppm, x, True, "ppm.")
+    for m in seq:
+        why = why or fallback_reason(m, x, True, "")
+    if why is not None:
+        warn_fallback("PSPHead", why, stacklevel=7)  # via PSPHead.forward or PSPNet.forward
+        return modules(ppm(x))
     ops.ensure_registered(name)
     kernels = ops.op_set(name)
     if kernels.head_epilogue is None:
-        return cls(ppm(x))
-    conv, bn, act, drop, classifier = cls
-    params = [p for p in (*ppm.parameters(), conv.weight) if p.requires_grad]  # conv.weight last: see backward
+        return modules(ppm(x))
+    lay = _Layout(ppm.in_channels, R, len(ppm.bins), getattr(ppm, "x_last", False), k)
+    params = [p for p in (*ppm.parameters(), conv.weight, conv.bias) if p is not None and p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
-        v = _FusedHeadFunction.apply(x, ppm, conv, kernels, *params)
-        y = act(bn(v))
+        # conv.weight and conv.bias last: see backward
+        v = _FusedHeadFunction.apply(x, ppm, conv, lay, kernels, *params)
     else:
         # Inference, and traced graphs (torch.compile differentiates the ops' registered autograd formulas).
         cdt = _conv_dtype(x)
@@ -115,16 +189,24 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
         with _no_autocast(x):
             levels = ppm._levels(kernels, pooled)
             # Differentiable in a traced training graph (torch.compile); detached otherwise.
-            weight = conv.weight if torch.is_grad_enabled() and conv.weight.requires_grad else conv.weight.detach()
-            wx, level_weight = _split_weight(weight, ppm.in_channels, ppm.reduction_channels, cdt, levels.dtype)
-            q = _context_q(ppm.bins, level_weight, levels)
-            z = F.conv2d(x.to(cdt), wx, None, 1, 1)
-            folded = _folded_bn(bn, q.dtype)
+            grad = torch.is_grad_enabled()
+            weight = conv.weight if grad and conv.weight.requires_grad else conv.weight.detach()
+            bias = conv.bias if conv.bias is None or (grad and conv.bias.requires_grad) else conv.bias.detach()
+            wx, level_weight = _split_weight(weight, lay, cdt, levels.dtype)
+            q = _context_q(ppm.bins, lay, level_weight, levels)
+            z = F.conv2d(x.to(cdt), wx, None if bias is None else bias.to(cdt), 1, lay.pad)
+            relu = type(act) is nn.ReLU
+            if norm is None:
+                y = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, relu)
+                return y if relu or act is None else act(y)
+            folded = _folded_bn(norm, q.dtype)
             if folded is not None:
-                y = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
-            else:
-                y = act(bn(kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)))
-    return classifier(drop(y))
+                y = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], relu)
+                return y if relu or act is None else act(y)
+            v = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)
+    if norm is not None:
+        v = norm(v)
+    return act(v) if act is not None else v
 
 
 def _export_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential) -> torch.Tensor:
@@ -150,36 +232,39 @@ def _export_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential) -> torc
 
 
 class _FusedHeadFunction(torch.autograd.Function):
-    """x -> conv3x3(x; W_X) + context(q) as one autograd node (the head's BatchNorm and ReLU follow as modules).
+    """x -> conv(x; W_X) (+ bias) + context(q) as one autograd node (the head's BatchNorm and activation follow as
+    modules).
 
     Forward: pyramid_pool; the small levels graph (1x1 convs, BatchNorm, ReLU) kept with autograd; q = W_l @ P_l and
-    the convolution over x without autograd; head_epilogue. Backward: head_context_backward gives grad_q; a
-    convolution backward gives grad_x and grad_W_X; two small products per level give grad_W_l and grad_P_l, and
-    autograd through the small levels graph grad_pooled and the PPM's parameter gradients; pyramid_pool_backward
-    writes grad_x = conv's grad_x + the spread of grad_pooled in one pass; the conv weight's gradient is assembled in
-    one tensor. Saved: x (in the convolution's dtype) and the small graph; deterministic wherever the platform's
-    convolution backward is."""
+    the convolution over x without autograd; head_epilogue. Backward: head_context_backward gives grad_q (only its
+    centre tap is read for a 1x1 conv); a convolution backward gives grad_x, grad_W_X and the bias's gradient; two
+    small products per level give grad_W_l and grad_P_l, and autograd through the small levels graph grad_pooled and
+    the PPM's parameter gradients; pyramid_pool_backward writes grad_x = conv's grad_x + the spread of grad_pooled in
+    one pass; the conv weight's gradient is assembled in one tensor. Saved: x (in the convolution's dtype) and the
+    small graph; deterministic wherever the platform's convolution backward is."""
 
     @staticmethod
-    def forward(ctx, x, ppm, conv, kernels, *params):
+    def forward(ctx, x, ppm, conv, lay, kernels, *params):
         cdt = _conv_dtype(x)
         pooled = kernels.pyramid_pool(x, ppm.bins)
         with torch.enable_grad(), _no_autocast(x):
             p = pooled.detach().requires_grad_(x.requires_grad)
             levels = ppm._levels(kernels, p)
         x_c = x.to(cdt)
+        bias = None if conv.bias is None else conv.bias.detach().to(cdt)
         with torch.no_grad(), _no_autocast(x):
-            wx, level_weight = _split_weight(conv.weight.detach(), ppm.in_channels, ppm.reduction_channels, cdt,
-                                             levels.dtype)
-            q = _context_q(ppm.bins, level_weight, levels.detach())
-            z = F.conv2d(x_c, wx, None, 1, 1)
+            wx, level_weight = _split_weight(conv.weight.detach(), lay, cdt, levels.dtype)
+            q = _context_q(ppm.bins, lay, level_weight, levels.detach())
+            z = F.conv2d(x_c, wx, bias, 1, lay.pad)
         v = kernels.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)
         # The weight is saved (no copy) so that an in-place change before backward raises, as for the reference.
         ctx.save_for_backward(x_c, conv.weight)
-        ctx.ppm, ctx.kernels, ctx.p, ctx.levels = ppm, kernels, p, levels
+        ctx.ppm, ctx.kernels, ctx.p, ctx.levels, ctx.lay = ppm, kernels, p, levels, lay
         # What needs a gradient is fixed here: toggling requires_grad before backward changes nothing.
-        ctx.ppm_params = [t for t in params if t is not conv.weight]
-        ctx.weight_grad = len(ctx.ppm_params) != len(params)
+        ctx.ppm_params = [t for t in params if t is not conv.weight and t is not conv.bias]
+        ctx.weight_grad = any(t is conv.weight for t in params)
+        ctx.bias_grad = conv.bias is not None and any(t is conv.bias for t in params)
+        ctx.bias_dtype = None if conv.bias is None else conv.bias.dtype
         ctx.x_requires_grad, ctx.x_dtype, ctx.conv_dtype = x.requires_grad, x.dtype, cdt
         return v
 
@@ -188,32 +273,34 @@ class _FusedHeadFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' adjoints are not differentiable
             raise double_backward_error("PSPHead")
         x_c, weight = ctx.saved_tensors
-        ppm, kernels, levels = ctx.ppm, ctx.kernels, ctx.levels
-        C, R = ppm.in_channels, ppm.reduction_channels
+        ppm, kernels, levels, lay = ctx.ppm, ctx.kernels, ctx.levels, ctx.lay
+        R, T = lay.R, 9 if lay.k == 3 else 1
         n, O = grad.shape[0], weight.shape[0]
         grad_q = kernels.head_context_backward(grad, ppm.bins, ppm.align_corners)  # (N, O, 9, S), levels' dtype
-        wx, level_weight = _split_weight(weight.detach(), C, R, ctx.conv_dtype, grad_q.dtype)
-        gx_conv, gw_x, _ = torch.ops.aten.convolution_backward(
-            grad.to(x_c.dtype), x_c, wx, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [ctx.x_requires_grad, ctx.weight_grad, False])
+        if T == 1:
+            grad_q = grad_q[:, :, 4:5]  # a 1x1 conv's context is its centre tap alone
+        wx, level_weight = _split_weight(weight.detach(), lay, ctx.conv_dtype, grad_q.dtype)
+        gx_conv, gw_x, gb = torch.ops.aten.convolution_backward(
+            grad.to(x_c.dtype), x_c, wx, [O] if ctx.bias_grad else None, [1, 1], [lay.pad, lay.pad], [1, 1], False,
+            [0, 0], 1, [ctx.x_requires_grad, ctx.weight_grad, ctx.bias_grad])
         grad_w = None
         if ctx.weight_grad:
             # The conv weight's gradient assembled in one tensor, level by level (no weight-sized temporaries beyond
-            # one level's 9 * O * R values).
+            # one level's T * O * R values).
             grad_w = torch.empty_like(weight)
-            grad_w[:, :C].copy_(gw_x)
+            grad_w[:, lay.x_slice()].copy_(gw_x)
         del gw_x
         # Per level: grad_P_l = W_l^T grad_q_l (per image); grad_W_l = sum over images of grad_q_l P_l^T.
         lv = levels.detach()
         grad_levels, off = [], 0
         for l, b in enumerate(ppm.bins):
             s = b * b
-            gq = grad_q[:, :, :, off:off + s].reshape(n, O * 9, s)
+            gq = grad_q[:, :, :, off:off + s].reshape(n, O * T, s)
             grad_levels.append(torch.matmul(level_weight(l).t(), gq))  # (N, R, s)
             if grad_w is not None:
-                g_l = torch.matmul(gq.transpose(0, 1).reshape(O * 9, n * s),
-                                   lv[:, :, off:off + s].transpose(0, 1).reshape(R, n * s).t())  # (O * 9, R)
-                grad_w[:, C + l * R:C + (l + 1) * R].view(O, R, 9).copy_(g_l.view(O, 9, R).permute(0, 2, 1))
+                g_l = torch.matmul(gq.transpose(0, 1).reshape(O * T, n * s),
+                                   lv[:, :, off:off + s].transpose(0, 1).reshape(R, n * s).t())  # (O * T, R)
+                grad_w[:, lay.level_slice(l)].view(O, R, T).copy_(g_l.view(O, T, R).permute(0, 2, 1))
             off += s
         inputs = ([ctx.p] if ctx.x_requires_grad else []) + ctx.ppm_params
         got = list(torch.autograd.grad(levels, inputs, torch.cat(grad_levels, 2), allow_unused=True,
@@ -223,10 +310,13 @@ class _FusedHeadFunction(torch.autograd.Function):
             grad_pooled = got.pop(0)
             if grad_pooled is None:
                 grad_pooled = torch.zeros_like(ctx.p)
+            # gx_conv is x's own gradient (C channels, either layout): the spread of grad_pooled is added to it.
             grad_x = kernels.pyramid_pool_backward(grad_pooled, gx_conv, ppm.bins).to(ctx.x_dtype)
         if grad_w is not None:
-            got.append(grad_w)  # conv.weight is the last of params
-        return (grad_x, None, None, None, *got)
+            got.append(grad_w)  # conv.weight and conv.bias are the last of params
+        if ctx.bias_grad:
+            got.append(gb.to(ctx.bias_dtype))
+        return (grad_x, None, None, None, None, *got)
 
 
 class PSPHead(_RefPSPHead):
