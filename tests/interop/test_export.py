@@ -18,14 +18,14 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 import pspnet_fast  # noqa: E402
-from pspnet_fast import _ext  # noqa: E402
+from pspnet_fast.ops import _ext  # noqa: E402
 from pspnet_fast.interop import export as E  # noqa: E402
 from pspnet_fast.ops import decompositions as D  # noqa: E402
 from pspnet_fast import reference  # noqa: E402
 from pspnet_fast.models.light import LightPSPNet  # noqa: E402
 
 from . import lookalikes  # noqa: E402
-from .utils import make_ref, randomize_bn  # noqa: E402
+from ..utils import make_ref, randomize_bn  # noqa: E402
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="pspnet_fast._C is not built")
 
