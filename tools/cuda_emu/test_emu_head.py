@@ -12,71 +12,11 @@ import os, re, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from emu_common import EMU_DIR, HERE, OPS_SOURCE, QUICK, REPO
 
-HEAD_SOURCE = os.path.join(REPO, "csrc", "cuda", "head_cuda.cu")
-GEN = os.path.join(EMU_DIR, "head_emu.cpp")
-BUILD = os.path.join(EMU_DIR, "build_head")
+from head_emu import load_head_emu
 
-
-def generate():
-    s = open(HEAD_SOURCE).read()
-    s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
-    hdr = '#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n'
-    assert hdr in s
-    s = s.replace(hdr, '#include "emu_prelude.h"\ninline long long g_head_optin = 227 * 1024;\n')
-    q = 'C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));'
-    assert q in s
-    s = s.replace(q, 'v = static_cast<int>(g_head_optin);')
-    s = s.replace('extern __shared__ __align__(16) unsigned char smem[];', 'unsigned char* smem = g_dyn_smem;')
-    s = s.replace('is_cuda()', 'is_cpu()')  # the ops' device checks: the emulated ops take CPU tensors
-    out, i = [], 0
-    while True:
-        j = s.find('<<<', i)
-        if j < 0:
-            out.append(s[i:])
-            break
-        k, depth = j, 0
-        while k > 0:
-            c = s[k - 1]
-            if c == '>':
-                depth += 1
-            elif c == '<':
-                depth -= 1
-            if depth == 0 and c in ' \n\t;{}':
-                break
-            k -= 1
-        e = s.find('>>>(', j)
-        assert s[k:j].strip(), "a launch whose kernel expression the rewrite cannot find"
-        out += [s[i:k], 'emu_launch(' + s[k:j] + ', ' + s[j + 3:e] + ', ']
-        i = e + 4
-    s = ''.join(out)
-    t = s.index('TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m)')
-    impls = re.findall(r'm\.impl\("(\w+)", &([\w:]+)\);', s[t:])
-    # A schema may continue in a second string literal on the next line (head_epilogue's does).
-    defs_ = [a + b for a, b in re.findall(r'm\.def\("([^"]+)"(?:\s*"([^"]*)")?', open(OPS_SOURCE).read())]
-    schemas = dict((re.match(r'(\w+)\(', d).group(1), d) for d in defs_)
-    defs = ''.join(f'  m.def("{schemas[name]}", &{fn});\n' for name, fn in impls)
-    s = s[:t] + 'TORCH_LIBRARY(pspnet_head_emu, m) {\n' + defs + \
-        '  m.def("emu_stats() -> int[]", []() { return std::vector<int64_t>{g_launches, g_max_smem_seen}; });\n' + \
-        '  m.def("emu_reset() -> ()", []() { g_launches = 0; g_max_smem_seen = 0; });\n' + \
-        '  m.def("emu_set_optin(int v) -> ()", [](int64_t v) { g_head_optin = v; });\n}\n'
-    os.makedirs(EMU_DIR, exist_ok=True)
-    if not os.path.exists(GEN) or open(GEN).read() != s:
-        open(GEN, 'w').write(s)
-    return [n for n, _ in impls]
-
-
-print("emulated ops:", generate(), flush=True)
+E = load_head_emu()
 import torch
-from torch.utils.cpp_extension import load
 
-os.makedirs(BUILD, exist_ok=True)
-t0 = time.time()
-load(name="head_emu", sources=[GEN], extra_include_paths=[os.path.join(REPO, "csrc"), HERE],
-     extra_cflags=["-O2", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"],
-     extra_ldflags=["-pthread"], is_python_module=False, build_directory=BUILD, verbose=False)
-print(f"build {time.time() - t0:.0f}s", flush=True)
-torch.ops.load_library(os.path.join(BUILD, "head_emu.so"))
-E = torch.ops.pspnet_head_emu
 sys.path.insert(0, REPO)
 from pspnet_fast import reference as ref
 
