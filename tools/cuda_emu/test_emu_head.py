@@ -10,7 +10,7 @@ Run: tools/cuda_emu/test_emu_head.py [--quick]   (Python with torch; no GPU, no 
 import os, re, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emu_common import EMU_DIR, HERE, OPS_SOURCE, QUICK, REPO
+from emu_common import EMU_DIR, HERE, OPS_SOURCE, QUICK, REPO, inline_common
 
 HEAD_SOURCE = os.path.join(REPO, "csrc", "cuda", "head_cuda.cu")
 GEN = os.path.join(EMU_DIR, "head_emu.cpp")
@@ -18,7 +18,7 @@ BUILD = os.path.join(EMU_DIR, "build_head")
 
 
 def generate():
-    s = open(HEAD_SOURCE).read()
+    s = inline_common(open(HEAD_SOURCE).read())
     s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
     hdr = '#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n'
     assert hdr in s
