@@ -40,6 +40,7 @@
 #include <optional>
 #include <vector>
 
+#include "cuda_common.cuh"  // checks, device queries, div_nn, level_of, tap_weight, tap_bound, stage_contiguous
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -47,8 +48,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kMaxBin = int64_t{1} << 16;  // as ppm_cuda.cu: keeps b^2 and b * H in range
-constexpr int64_t kDefaultSmem = 48 * 1024;    // plans aim under this (no opt-in, more resident blocks)
 constexpr int kHeadThreads = 256;              // block size of the staged kernels (the forward may use fewer)
 constexpr int kDirectThreads = 256;
 constexpr int kMaxChunk = 32;                  // channels_last: channels per block (one warp's lanes)
@@ -117,46 +116,12 @@ HeadLevels make_head_levels(const char* op, at::IntArrayRef bins) {
   return t;
 }
 
-// A 4-d feature map argument (z, grad).
-void check_map(const char* op, const Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, O, H, W), got ", x.dim(), " dims ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with H, W >= 1, got ", x.sizes());
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
-}
-
-// channels_last path only when the layout is unambiguous (O == 1 or H == W == 1 tensors are both).
-bool use_channels_last(const Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-int current_device() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
 // The most dynamic shared memory one block may opt in to on this device.
 int64_t head_smem_optin() {
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));
   return v;
 }
-
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > kDefaultSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Rows per band: at most rmax, the bands as even as their count allows (90 rows in 85 + 5 would run a second,
 // nearly empty band; 45 + 45 costs the same shared memory and half the idle threads in the last one).
@@ -170,80 +135,6 @@ void fill_strides(HeadParams& p, const Tensor& t) {
   p.sC = t.stride(1);
   p.sH = t.stride(2);
   p.sW = t.stride(3);
-}
-
-// ------------------------------------------------------------------------------------------------------------------
-// Device helpers
-// ------------------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ int64_t div_nn(int64_t a, int64_t b) {
-  if (((a | b) >> 32) == 0) {
-    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
-  }
-  return a / b;
-}
-
-// Level holding index v of a prefix-sum table tab (tab[0] = 0 <= v < tab[num]).
-__device__ __forceinline__ int level_of(const int64_t* tab, int num, int64_t v) {
-  int l = 0;
-  while (l + 1 < num && v >= tab[l + 1]) ++l;
-  return l;
-}
-
-// Entry [dst, i] of the resampling matrix: both taps count, also when they coincide or a weight is 0 (as ATen's
-// upsample backward adds both).
-template <typename acc_t>
-__device__ __forceinline__ acc_t tap_weight(acc_t scale, int64_t dst, int64_t i, int64_t in, int64_t out,
-                                            bool align) {
-  const LinearTap<acc_t> t = linear_tap<acc_t>(scale, dst, in, out, align);
-  const acc_t w = t.i0 == i ? t.l0 : static_cast<acc_t>(0);
-  return t.i1 == i ? w + t.l1 : w;
-}
-
-// First dst in [0, out) whose taps satisfy i1 >= i (upper = false) or i0 > i (upper = true); out if none. Both taps
-// are non-decreasing in dst, so the destinations reaching source sample i are [bound(false), bound(true)).
-template <typename acc_t>
-__device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bool align, bool upper) {
-  int64_t lo = 0, hi = out;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    const LinearTap<acc_t> t = linear_tap<acc_t>(scale, mid, in, out, align);
-    if (upper ? t.i0 > i : t.i1 >= i) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  return lo;
-}
-
-// Copies n contiguous elements global -> shared (dst 16-byte aligned) with 16-byte loads after peeling src to
-// alignment, several loads in flight per thread (as ppm_cuda.cu's stage_contiguous).
-template <typename T>
-__device__ __forceinline__ void stage_contiguous(const T* __restrict__ src, T* __restrict__ dst, int n, int tid,
-                                                 int nt) {
-  constexpr int V = 16 / sizeof(T);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
-  int head = static_cast<int>(((16 - (a & 15)) & 15) / sizeof(T));
-  head = head < n ? head : n;
-  for (int i = tid; i < head; i += nt) dst[i] = src[i];
-  const int nv = (n - head) / V;
-  const uint4* vs = reinterpret_cast<const uint4*>(src + head);
-  if (head == 0) {
-    uint4* vd = reinterpret_cast<uint4*>(dst);
-#pragma unroll 4
-    for (int i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
-  } else {
-#pragma unroll 4
-    for (int i = tid; i < nv; i += nt) {
-      const uint4 v = __ldg(vs + i);
-      T e[V];
-      memcpy(e, &v, 16);
-#pragma unroll
-      for (int k = 0; k < V; ++k) dst[head + i * V + k] = e[k];
-    }
-  }
-  for (int i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
 }
 
 // ------------------------------------------------------------------------------------------------------------------

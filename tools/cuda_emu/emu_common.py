@@ -13,7 +13,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-CU_SOURCE = os.path.join(REPO, "csrc", "cuda", "ppm_cuda.cu")
+CUDA_DIR = os.path.join(REPO, "csrc", "cuda")
+CU_SOURCE = os.path.join(CUDA_DIR, "ppm_cuda.cu")
+COMMON_HEADER = os.path.join(CUDA_DIR, "cuda_common.cuh")
 OPS_SOURCE = os.path.join(REPO, "csrc", "ops.cpp")
 
 
@@ -33,6 +35,23 @@ EMU_SO = os.path.join(BUILD_DIR, "ppm_emu.so")
 # Quick mode runs a representative subset of each test script (run.sh quick passes --quick); the env var lets a
 # script run by hand pick it up too.
 QUICK = "--quick" in sys.argv or os.environ.get("PSPNET_FAST_EMU_QUICK", "") not in ("", "0")
+
+
+def inline_common(src: str) -> str:
+    """src (a csrc/cuda source) with `#include "cuda_common.cuh"` replaced by that header's text, less its
+    `#pragma once` and c10/cuda includes (the including file's own, or the emulator prelude, stand in for them), so that
+    the generator's rewrites (device checks, launches) reach the shared helpers too: each .cu becomes one unit."""
+    inc = '#include "cuda_common.cuh"'
+    if inc not in src:
+        return src
+    lines = [ln for ln in open(COMMON_HEADER).read().splitlines(keepends=True)
+             if ln.strip() != "#pragma once" and not ln.startswith("#include <c10/cuda/")]
+    text = "".join(lines)
+    out = []
+    for ln in src.splitlines(keepends=True):
+        # The include line may carry a trailing comment.
+        out.append(text if ln.startswith(inc) else ln)
+    return "".join(out)
 
 
 def load_emu():

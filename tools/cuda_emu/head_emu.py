@@ -9,7 +9,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emu_common import EMU_DIR, HERE, OPS_SOURCE, REPO  # noqa: E402
+from emu_common import EMU_DIR, HERE, OPS_SOURCE, REPO, inline_common  # noqa: E402
 
 HEAD_SOURCE = os.path.join(REPO, "csrc", "cuda", "head_cuda.cu")
 GEN = os.path.join(EMU_DIR, "head_emu.cpp")
@@ -17,7 +17,7 @@ BUILD = os.path.join(EMU_DIR, "build_head")
 
 
 def generate():
-    s = open(HEAD_SOURCE).read()
+    s = inline_common(open(HEAD_SOURCE).read())
     s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
     hdr = '#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n'
     assert hdr in s

@@ -3,8 +3,8 @@ CPU: CUDA headers -> the prelude, dynamic shared memory -> the prelude's per-blo
 emu_launch(kernel, cfg, args), and the CUDA op registrations -> a pspnet_emu library with the schemas of ops.cpp."""
 import os, re, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emu_common import CU_SOURCE, EMU_DIR, GEN_CPP, OPS_SOURCE
-src = open(CU_SOURCE).read()
+from emu_common import CU_SOURCE, EMU_DIR, GEN_CPP, OPS_SOURCE, inline_common
+src = inline_common(open(CU_SOURCE).read())
 s = src.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
 s = s.replace('#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n', '#include "emu_prelude.h"\n')
 assert 'emu_prelude' in s

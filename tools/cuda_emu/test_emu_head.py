@@ -10,7 +10,7 @@ Run: tools/cuda_emu/test_emu_head.py [--quick]   (Python with torch; no GPU, no 
 import os, re, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emu_common import EMU_DIR, HERE, OPS_SOURCE, QUICK, REPO
+from emu_common import QUICK, REPO
 
 from head_emu import load_head_emu
 
