@@ -115,10 +115,7 @@ def run(cmd, cwd=None):
 def extract_cubins(cuobjdump, path, archs, workdir):
     """[(cubin path, arch)] for the wanted archs: path itself when it is a cubin, else cuobjdump -xelf of a .so."""
     if path.endswith(".cubin"):
-        head = run([cuobjdump, "-res-usage", path])
-        m = re.search(r"arch = (sm_\d+a?)", head)
-        arch = m.group(1) if m else "?"
-        return [(path, arch)] if arch in archs or not archs else []
+        return [(path, None)]  # its arch: nvdisasm's .target line
     listing = run([cuobjdump, "-lelf", path])
     names = re.findall(r"ELF file\s+\d+:\s+(\S+)", listing)
     out = []
@@ -321,8 +318,14 @@ def report(paths, archs, filters, tools_dir=None, download=True, ptxas_log=None)
     with tempfile.TemporaryDirectory() as work:
         for path in paths:
             for cubin, arch in extract_cubins(cuobjdump, path, archs, work):
+                txt = run([nvdisasm, cubin])
+                if arch is None:
+                    m = re.search(r"\.target\s+(sm_\d+a?)", txt)
+                    arch = m.group(1) if m else "?"
+                    if arch not in archs:
+                        continue
                 res = res_usage(cuobjdump, cubin)
-                kernels = parse_nvdisasm(run([nvdisasm, cubin]))
+                kernels = parse_nvdisasm(txt)
                 names = demangle(list(kernels))
                 for k, info in kernels.items():
                     if not info["instrs"]:
