@@ -43,6 +43,11 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-12, 1e-12), torch.float16
 def layout_of(t, layout):
     if layout == "cl":
         return t.contiguous(memory_format=torch.channels_last)
+    if layout == "misaligned":  # contiguous, one element past a 16-byte boundary (z and out differ modulo 16)
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        v = flat[1:].view(t.shape)
+        v.copy_(t)
+        return v
     if layout == "strided":
         big = torch.empty(*t.shape[:3], t.shape[3] * 2, dtype=t.dtype)
         big[..., ::2] = t
@@ -175,6 +180,31 @@ run_case((1, 2), 1, 60000, False, 1, 1, torch.float32, "nchw", False, False)  # 
 print("large W 60000 (backward direct): max smem", smem_seen(), flush=True)
 run_case(tuple(range(1, 17)), 5, 6, True, 1, 2, torch.float32, "nchw", True, True)  # 16 levels (LMAX 16 kernel)
 run_case((1, 2, 3, 6, 8), 4, 3, False, 1, 3, torch.float64, "cl", True, False)  # 5 levels
+# Issue 12 shapes at small O: 90x90 bfloat16 (8100-element planes, so every other plane starts 8 bytes past a 16-byte
+# boundary: the peeled heads and tails), odd O, 64x128, channels_last with 16-byte pixel runs (O = 16: 32 bytes a
+# pixel) and without (O = 5), a misaligned z, W = 9000; more items than the emulated grid's 8 persistent blocks. The
+# launch log must name the variant each layout takes.
+def variant_of(log, prefix):
+    return [ln for ln in log if ln.startswith(prefix)]
+
+
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6), 90, 90, True, 2, 5, torch.bfloat16, "nchw", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, true> grid=8,1,1 block=360,"):
+    fail("90x90 bf16 NCHW: expected the register-tap kernel, 8 blocks of 360 threads, got", E.emu_launch_log())
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6), 90, 90, False, 1, 16, torch.bfloat16, "cl", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, false> grid=1,1,1 block=384,"):
+    fail("90x90 bf16 channels_last: expected the table kernel, one 16-channel chunk, got", E.emu_launch_log())
+run_case((1, 2, 3, 6), 64, 128, True, 1, 3, torch.bfloat16, "nchw", True, True, check_det=False)
+run_case((1, 2, 3, 6), 64, 128, False, 1, 8, torch.bfloat16, "cl", False, True, check_det=False)
+run_case((1, 2, 3, 6), 9, 90, True, 3, 5, torch.float16, "cl", True, False)
+run_case((1, 2, 3, 6), 9, 90, False, 2, 7, torch.bfloat16, "misaligned", True, True)
+run_case((1, 2, 3, 6), 7, 9, True, 2, 33, torch.float32, "misaligned", True, False)
+run_case((1, 2, 3, 6), 2, 9000, True, 1, 3, torch.bfloat16, "nchw", True, True, check_det=False)
+run_case((1, 2, 3, 6), 1, 9000, False, 1, 8, torch.bfloat16, "cl", True, True, check_det=False)
+print("issue 12 shapes:", ncases, "cases so far,", fails, "failures", flush=True)
+
 E.emu_set_optin(6000)
 E.emu_reset()
 run_case((1, 2, 3, 6), 60, 3, True, 1, 2, torch.float32, "nchw", True, True)  # several row bands
