@@ -647,6 +647,17 @@ int64_t plan_epilogue(HeadParams& p, bool cl, bool reg_taps, int64_t asz, int64_
   return -1;
 }
 
+// The levels' resampling scales over H and W (linear_scale in float and in double: the kernels read them, no division
+// on the device).
+void fill_scales(HeadParams& p) {
+  for (int l = 0; l < p.lv.num; ++l) {
+    p.scf[0][l] = linear_scale<float>(p.lv.bins[l], p.H, p.align);
+    p.scf[1][l] = linear_scale<float>(p.lv.bins[l], p.W, p.align);
+    p.scd[0][l] = linear_scale<double>(p.lv.bins[l], p.H, p.align);
+    p.scd[1][l] = linear_scale<double>(p.lv.bins[l], p.W, p.align);
+  }
+}
+
 int log2_exact(int64_t v) {
   int s = 0;
   while ((int64_t{1} << s) < v) ++s;
@@ -682,12 +693,7 @@ void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, cons
   p.cl_vec = cl && p.stage_z && (p.OC * esz) % 16 == 0 && p.O % p.OC == 0 && (p.O * esz) % 16 == 0 &&
              aligned16(zp) && aligned16(op_);
   p.vsh = p.cl_vec ? log2_exact(p.OC * esz / 16) : 0;
-  for (int l = 0; l < p.lv.num; ++l) {
-    p.scf[0][l] = linear_scale<float>(p.lv.bins[l], p.H, p.align);
-    p.scf[1][l] = linear_scale<float>(p.lv.bins[l], p.W, p.align);
-    p.scd[0][l] = linear_scale<double>(p.lv.bins[l], p.H, p.align);
-    p.scd[1][l] = linear_scale<double>(p.lv.bins[l], p.W, p.align);
-  }
+  fill_scales(p);
   const int64_t items = p.N * p.cchunks;
   TORCH_CHECK(items <= std::numeric_limits<int32_t>::max(), op, ": N * ceil(O / ", p.OC, ") = ", items,
               " work items is too many for one launch");
@@ -764,10 +770,12 @@ Tensor head_epilogue_cuda(const Tensor& z_in, const Tensor& q_in, at::IntArrayRe
 // ------------------------------------------------------------------------------------------------------------------
 
 // grad: element (n, c, y, x) at n sN + c sC + y sH + x sW (contiguous or channels_last); out (N, O, 9, S) contiguous.
-// One block per (n, chunk of OC channels). Shared memory: per band of RB rows the band of grad (gs[yl GS + x OCP + c],
-// in acc_t) and G[(k RB + yl) OC + c]; tab (rlo | rhi | clo | cmid | chi, sum(bins) ints each: the destination ranges
-// whose taps reach each source row / column of each level); an optional column table (per level and column xs: its
-// weight on its left tap and on its right tap), without which the weights are computed per use:
+// Persistent blocks (grid from the occupancy calculator) loop over items (n, chunk of OC channels); the tables that
+// depend only on the bins, H and W are built once per block: tab (rlo | rhi | clo | cmid | chi, sum(bins) ints each:
+// the destination ranges whose taps reach each source row / column of each level) and an optional column table (per
+// level and column xs: its weight on its left tap and on its right tap), without which the weights are computed per
+// use. Per item and band of RB rows: the band of grad (gs[yl GS + x OCP + c], in acc_t; read with 16-byte loads: NCHW
+// one contiguous run, channels_last 16-byte runs of a pixel's channels when they align) and G[(k RB + yl) OC + c]:
 //   (1) G items (c, yl, k), c fastest: sum over the columns x whose tap xs = x + dx - 1 reaches j, in x order;
 //   (2) output items (c, t, s): sum over the band's rows whose tap ys = y + dy - 1 reaches i, in y order; the first
 //       band assigns, later bands add (the same thread owns the same items in every band: a fixed order).
@@ -787,25 +795,21 @@ __global__ void __launch_bounds__(kHeadThreads)
   const int nt = blockDim.x;
   const int L = p.lv.num;
   const int OC = p.OC, OCP = p.OCP, RB = p.RB;
-  const int64_t S = p.S, H = p.H, W = p.W;
-  const int64_t sumb = p.lv.boff[L];
-  const int64_t n = div_nn(blockIdx.x, p.cchunks);
-  const int64_t c0 = (blockIdx.x - n * p.cchunks) * OC;
-  const int oc = static_cast<int>(min(static_cast<int64_t>(OC), p.O - c0));
-  const int64_t qplane = 9 * S;
-  acc_t* on = out + (n * p.O + c0) * qplane;  // channel c0 + c: on[c * 9S + t * S + s]
-  const scalar_t* gn = g + n * p.sN + c0 * p.sC;
+  const int S = static_cast<int>(p.S), H = static_cast<int>(p.H), W = static_cast<int>(p.W);
+  const int GS = static_cast<int>(p.GS);
+  const int sumb = static_cast<int>(p.lv.boff[L]);
+  const int qplane = 9 * S;
 
   // Per source row i (column j) of every level, the destinations whose taps reach it: rows [rlo, rhi), columns
   // [clo, chi), of which [clo, cmid) reach j as their right tap only (i0 = j - 1) and [cmid, chi) as their left tap.
-  for (int64_t it = tid; it < 5 * sumb; it += nt) {
-    const int64_t part = div_nn(it, sumb);  // 0 rlo, 1 rhi, 2 clo, 3 cmid, 4 chi
-    const int64_t bi = it - part * sumb;
+  for (int it = tid; it < 5 * sumb; it += nt) {
+    const int part = it / sumb;  // 0 rlo, 1 rhi, 2 clo, 3 cmid, 4 chi
+    const int bi = it - part * sumb;
     const int l = level_of(p.lv.boff, L, bi);
     const int64_t b = p.lv.bins[l];
     const int64_t i = bi - p.lv.boff[l];
     const int64_t ext = part >= 2 ? W : H;
-    const acc_t sc = linear_scale<acc_t>(b, ext, p.align);
+    const acc_t sc = level_scale<acc_t>(p, part >= 2 ? 1 : 0, l);
     int64_t v;
     if (part == 3) {
       v = i == 0 ? 0 : tap_bound<acc_t>(sc, i - 1, b, ext, p.align, true);  // first xs with i0 >= j
@@ -815,11 +819,11 @@ __global__ void __launch_bounds__(kHeadThreads)
     tab[it] = static_cast<int>(v);
   }
   if (p.col_table) {
-    for (int64_t it = tid; it < L * W; it += nt) {
-      const int l = static_cast<int>(div_nn(it, W));
+    for (int it = tid; it < L * W; it += nt) {
+      const int l = it / W;
       const int64_t xs = it - l * W;
       const int64_t b = p.lv.bins[l];
-      const LinearTap<acc_t> tw = linear_tap<acc_t>(linear_scale<acc_t>(b, W, p.align), xs, b, W, p.align);
+      const LinearTap<acc_t> tw = linear_tap<acc_t>(level_scale<acc_t>(p, 1, l), xs, b, W, p.align);
       colA[it] = tw.i1 == tw.i0 ? tw.l0 + tw.l1 : tw.l0;  // tap_weight's sum when the taps coincide
       colB[it] = tw.l1;
     }
@@ -830,96 +834,137 @@ __global__ void __launch_bounds__(kHeadThreads)
   const int* cmid = tab + 3 * sumb;
   const int* chi = tab + 4 * sumb;
 
-  for (int64_t y0 = 0; y0 < H; y0 += RB) {
-    const int rb = static_cast<int>(min(static_cast<int64_t>(RB), H - y0));
-    __syncthreads();  // tables written; the previous band's readers are done with gs and G
-    // Stage the band of grad, converted to acc_t; reads in memory order of the layout.
-    const int64_t band = static_cast<int64_t>(rb) * W * OC;
-    for (int64_t it = tid; it < band; it += nt) {
-      int64_t c, pix;
-      if (OC > 1) {  // channels_last: channel fastest
-        pix = div_nn(it, OC);
-        c = it - pix * OC;
-      } else {
-        c = 0;
-        pix = it;
-      }
-      const int64_t yl = div_nn(pix, W);
-      const int64_t x = pix - yl * W;
-      gs[yl * p.GS + x * OCP + c] = c < oc ? static_cast<acc_t>(gn[c * p.sC + (y0 + yl) * p.sH + x * p.sW])
-                                 : static_cast<acc_t>(0);
-    }
-    __syncthreads();
-    // (1) Horizontal adjoint.
-    const int64_t items = p.K * rb * OC;
-    for (int64_t it = tid; it < items; it += nt) {
-      const int64_t r = div_nn(it, OC);
-      const int cc = static_cast<int>(it - r * OC);
-      const int64_t k = div_nn(r, rb);
-      const int yl = static_cast<int>(r - k * rb);
-      const int l = level_of(p.lv.boff, L, div_nn(k, 3));
-      const int64_t b = p.lv.bins[l];
-      const int64_t kk = k - 3 * p.lv.boff[l];
-      const int64_t dx = div_nn(kk, b);
-      const int64_t j = kk - dx * b;
-      const int64_t bj = p.lv.boff[l] + j;
-      // Columns x with xs = x + dx - 1 in [clo, chi) and x in [0, W), in x order.
-      const int64_t xa = max(static_cast<int64_t>(clo[bj]) + 1 - dx, int64_t{0});
-      const int64_t xb = min(static_cast<int64_t>(chi[bj]) + 1 - dx, W);
-      const acc_t* row = gs + static_cast<int64_t>(yl) * p.GS + cc;
-      acc_t s = 0;
-      if (p.col_table) {
-        // Shared-memory indices fit int. Right-tap columns first (weight colB), then left-tap ones (colA).
-        const int xm = static_cast<int>(min(max(static_cast<int64_t>(cmid[bj]) + 1 - dx, xa), xb));
-        const int ocp = OCP;
-        const int e0 = l * static_cast<int>(W) + static_cast<int>(dx) - 1;  // column x's entry: e0 + x >= 0
-        for (int x = static_cast<int>(xa); x < xm; ++x) s = fused_mul_add(colB[e0 + x], row[x * ocp], s);
-        for (int x = xm; x < static_cast<int>(xb); ++x) s = fused_mul_add(colA[e0 + x], row[x * ocp], s);
-      } else {
-        const acc_t sw = linear_scale<acc_t>(b, W, p.align);
-        for (int64_t x = xa; x < xb; ++x) {
-          s += tap_weight<acc_t>(sw, x + dx - 1, j, b, W, p.align) * row[x * OCP];
+  const int items = static_cast<int>(p.N * p.cchunks);  // < 2^31 (the launcher checks)
+  const int cchunks = static_cast<int>(p.cchunks);
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t n = item / cchunks;
+    const int64_t c0 = static_cast<int64_t>(item - static_cast<int>(n) * cchunks) * OC;
+    const int oc = static_cast<int>(min(static_cast<int64_t>(OC), p.O - c0));
+    acc_t* on = out + (n * p.O + c0) * qplane;  // channel c0 + c: on[c * 9S + t * S + s]
+
+    for (int y0 = 0; y0 < H; y0 += RB) {
+      const int rb = min(RB, H - y0);
+      __syncthreads();  // tables written; the previous band's readers are done with gs and G
+      // Stage the band of grad, converted to acc_t; reads in memory order of the layout, 16 bytes where possible.
+      if (!p.cl) {  // NCHW: rows y0 .. y0 + rb of one plane, contiguous; element e at (e / W, e % W)
+        const scalar_t* src = g + n * p.sN + c0 * p.sC + static_cast<int64_t>(y0) * W;
+        const int cnt = rb * W;
+        constexpr int VE = 16 / sizeof(scalar_t);
+        int head = static_cast<int>(((16 - (reinterpret_cast<uintptr_t>(src) & 15)) & 15) / sizeof(scalar_t));
+        head = head < cnt ? head : cnt;
+        const int nv = (cnt - head) / VE;
+        for (int v = tid; v < nv; v += nt) {  // one division per 16 bytes
+          scalar_t e[VE];
+          const uint4 u = *reinterpret_cast<const uint4*>(src + head + v * VE);
+          memcpy(e, &u, 16);
+          const int e0 = head + v * VE;
+          int yl = e0 / W, x = e0 - (e0 / W) * W;
+#pragma unroll
+          for (int k = 0; k < VE; ++k) {
+            gs[yl * GS + x] = static_cast<acc_t>(e[k]);
+            if (++x == W) {
+              x = 0;
+              ++yl;
+            }
+          }
+        }
+        for (int i = tid; i < cnt - nv * VE; i += nt) {  // the head, then the tail after the vectors
+          const int e = i < head ? i : nv * VE + i;
+          const int yl = e / W;
+          gs[yl * GS + (e - yl * W)] = static_cast<acc_t>(src[e]);
+        }
+      } else {  // channels_last: pixel pix of the band at gbase + pix sW, its oc channels contiguous
+        const int64_t gbase = n * p.sN + static_cast<int64_t>(y0) * p.sH + c0;
+        if (p.cl_vec) {
+          constexpr int VE = 16 / sizeof(scalar_t);
+          const int nv = (rb * W) << p.vsh;
+          const int vm = (1 << p.vsh) - 1;
+          for (int v = tid; v < nv; v += nt) {
+            const int pix = v >> p.vsh;
+            scalar_t e[VE];
+            const uint4 u = *reinterpret_cast<const uint4*>(g + gbase + static_cast<int64_t>(pix) * p.sW + (v & vm) * VE);
+            memcpy(e, &u, 16);
+            const int yl = pix / W;
+            acc_t* d = gs + yl * GS + (pix - yl * W) * OCP + (v & vm) * VE;
+#pragma unroll
+            for (int k = 0; k < VE; ++k) d[k] = static_cast<acc_t>(e[k]);
+          }
+        } else {
+          const int band = (rb * W) << p.oc_shift;
+          for (int it = tid; it < band; it += nt) {
+            const int pix = it >> p.oc_shift;
+            const int c = it & (OC - 1);
+            const int yl = pix / W;
+            gs[yl * GS + (pix - yl * W) * OCP + c] =
+                c < oc ? static_cast<acc_t>(g[gbase + static_cast<int64_t>(pix) * p.sW + c]) : static_cast<acc_t>(0);
+          }
         }
       }
-      G[(k * RB + yl) * OC + cc] = s;
-    }
-    __syncthreads();
-    // (2) Vertical adjoint into the outputs.
-    const int64_t outs = qplane * OC;
-    for (int64_t it = tid; it < outs; it += nt) {
-      int64_t cc, ts;
-      if (OC > 1) {  // channel fastest: conflict-free reads of G
-        ts = div_nn(it, OC);
-        cc = it - ts * OC;
-      } else {
-        cc = 0;
-        ts = it;
+      __syncthreads();
+      // (1) Horizontal adjoint.
+      const int gitems = static_cast<int>(p.K) * rb * OC;
+      for (int it = tid; it < gitems; it += nt) {
+        const int r = it >> p.oc_shift;
+        const int cc = it & (OC - 1);
+        const int k = r / rb;
+        const int yl = r - k * rb;
+        const int l = level_of(p.lv.boff, L, k / 3);
+        const int b = static_cast<int>(p.lv.bins[l]);
+        const int kk = k - 3 * static_cast<int>(p.lv.boff[l]);
+        const int dx = kk / b;
+        const int j = kk - dx * b;
+        const int bj = static_cast<int>(p.lv.boff[l]) + j;
+        // Columns x with xs = x + dx - 1 in [clo, chi) and x in [0, W), in x order.
+        const int xa = max(clo[bj] + 1 - dx, 0);
+        const int xb = min(chi[bj] + 1 - dx, W);
+        const acc_t* row = gs + yl * GS + cc;
+        acc_t s = 0;
+        if (p.col_table) {
+          // Right-tap columns first (weight colB), then left-tap ones (colA).
+          const int xm = min(max(cmid[bj] + 1 - dx, xa), xb);
+          const int e0 = l * W + dx - 1;  // column x's entry: e0 + x >= 0
+          for (int x = xa; x < xm; ++x) s = fused_mul_add(colB[e0 + x], row[x * OCP], s);
+          for (int x = xm; x < xb; ++x) s = fused_mul_add(colA[e0 + x], row[x * OCP], s);
+        } else {
+          const acc_t sw = level_scale<acc_t>(p, 1, l);
+          for (int x = xa; x < xb; ++x) {
+            s += tap_weight<acc_t>(sw, x + dx - 1, j, b, W, p.align) * row[x * OCP];
+          }
+        }
+        G[(k * RB + yl) * OC + cc] = s;
       }
-      if (cc >= oc) continue;
-      const int64_t t = div_nn(ts, S);
-      const int64_t sidx = ts - t * S;
-      const int l = level_of(p.lv.offs, L, sidx);
-      const int64_t b = p.lv.bins[l];
-      const int64_t si = sidx - p.lv.offs[l];
-      const int64_t i = div_nn(si, b);
-      const int64_t j = si - i * b;
-      const int64_t dy = div_nn(t, 3);
-      const int64_t dx = t - 3 * dy;
-      const int64_t bi = p.lv.boff[l] + i;
-      // Rows y of this band with ys = y + dy - 1 in [rlo, rhi).
-      const int64_t ya = max(static_cast<int64_t>(rlo[bi]) + 1 - dy, max(y0, int64_t{0}));
-      const int64_t yb = min(static_cast<int64_t>(rhi[bi]) + 1 - dy, min(y0 + rb, H));
-      const int64_t k = 3 * p.lv.boff[l] + dx * b + j;
-      const acc_t sh = linear_scale<acc_t>(b, H, p.align);
-      acc_t s = 0;
-      for (int64_t y = ya; y < yb; ++y) {
-        s += tap_weight<acc_t>(sh, y + dy - 1, i, b, H, p.align) * G[(k * RB + (y - y0)) * OC + cc];
-      }
-      acc_t* d = on + cc * qplane + ts;
-      if (y0 == 0) {
-        *d = s;
-      } else if (ya < yb) {
-        *d += s;
+      __syncthreads();
+      // (2) Vertical adjoint into the outputs.
+      const int outs = qplane * OC;
+      for (int it = tid; it < outs; it += nt) {
+        const int ts = it >> p.oc_shift;  // channel fastest: conflict-free reads of G
+        const int cc = it & (OC - 1);
+        if (cc >= oc) continue;
+        const int t = ts / S;
+        const int sidx = ts - t * S;
+        const int l = level_of(p.lv.offs, L, sidx);
+        const int b = static_cast<int>(p.lv.bins[l]);
+        const int si = sidx - static_cast<int>(p.lv.offs[l]);
+        const int i = si / b;
+        const int j = si - i * b;
+        const int dy = t / 3;
+        const int dx = t - 3 * dy;
+        const int bi = static_cast<int>(p.lv.boff[l]) + i;
+        // Rows y of this band with ys = y + dy - 1 in [rlo, rhi).
+        const int ya = max(rlo[bi] + 1 - dy, y0);
+        const int yb = min(rhi[bi] + 1 - dy, y0 + rb);
+        const int k = 3 * static_cast<int>(p.lv.boff[l]) + dx * b + j;
+        const acc_t sh = level_scale<acc_t>(p, 0, l);
+        acc_t s = 0;
+        for (int y = ya; y < yb; ++y) {
+          s += tap_weight<acc_t>(sh, y + dy - 1, i, b, H, p.align) * G[(k * RB + (y - y0)) * OC + cc];
+        }
+        acc_t* d = on + cc * qplane + ts;
+        if (y0 == 0) {
+          *d = s;
+        } else if (ya < yb) {
+          *d += s;
+        }
       }
     }
   }
@@ -1006,6 +1051,7 @@ void launch_backward(const Tensor& g, Tensor& out, HeadParams& p, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const char* op = "head_context_backward";
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  fill_scales(p);
   const int64_t smem = plan_backward(p, cl, sizeof(acc_t), head_smem_optin());
   if (smem < 0) {
     p.total = p.N * p.O * 9 * p.S;
@@ -1017,13 +1063,23 @@ void launch_backward(const Tensor& g, Tensor& out, HeadParams& p, bool cl) {
     return;
   }
   p.cchunks = ceil_div(p.O, p.OC);
-  const int64_t blocks = p.N * p.cchunks;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": N * ceil(O / ", p.OC, ") = ", blocks,
-              " blocks is too many for one launch");
+  const int64_t items = p.N * p.cchunks;
+  TORCH_CHECK(items <= std::numeric_limits<int32_t>::max(), op, ": N * ceil(O / ", p.OC, ") = ", items,
+              " work items is too many for one launch");
+  const int64_t esz = sizeof(scalar_t);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  p.cl = cl;
+  p.oc_shift = log2_exact(p.OC);
+  p.cl_vec = cl && (p.OC * esz) % 16 == 0 && p.O % p.OC == 0 && (p.O * esz) % 16 == 0 && aligned16(gp);
+  p.vsh = p.cl_vec ? log2_exact(p.OC * esz / 16) : 0;
   auto kernel = head_bwd_kernel<scalar_t, acc_t>;
   allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(blocks), kHeadThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
-                                                                        out.mutable_data_ptr<acc_t>(), p);
+  // Persistent blocks: as many as can be resident at once (each builds its tables once), looping over the items.
+  int per_sm = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kHeadThreads, static_cast<size_t>(smem)));
+  const int64_t blocks = std::min<int64_t>(items, static_cast<int64_t>(std::max(per_sm, 1)) * sm_count());
+  kernel<<<static_cast<unsigned>(blocks), kHeadThreads, smem, stream>>>(gp, out.mutable_data_ptr<acc_t>(), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
