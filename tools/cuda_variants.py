@@ -13,13 +13,15 @@ the grid is the emulated one (4 SMs, 2 resident blocks each: the persistent kern
 reported as the H200's. With --sass (a sass_report.py --json of the build), each kernel's registers and main-loop
 access widths join the row.
 
-Predicted time, H200 (132 SMs, 1.98 GHz): the larger of
+Predicted time, H200 (132 SMs, 1.98 GHz): the largest of
   t_mem   = bytes moved / 4.0 TB/s (the figure we use for a well-behaved copy on H200 HBM3e: ~83% of 4.8 TB/s peak;
             gpu_check.sh measures the real one in the same run)
-  t_issue = thread instructions / (132 SMs x 4 schedulers x 32 lanes x 1.98e9), from an instruction count per
-            element read off the kernel's inner loops (head ops only: stated per op below; the PPM kernels are
-            being rewritten elsewhere and get t_mem only, with their SASS access widths as the caveat)
-and the bound is the one that is larger.
+  t_issue = thread instructions / (132 SMs x 4 schedulers x 32 lanes x 1.98e9)
+  t_smem  = shared-memory wavefronts / (132 SMs x 1 wavefront (128 bytes) per cycle x 1.98e9), a warp access
+            counted by its distinct bytes (a broadcast is one wavefront, 32 distinct 8-byte pairs are two)
+the last two from per-element counts read off the kernels' inner loops (head ops only, stated below; the PPM kernels
+are being rewritten elsewhere and get t_mem only, with their SASS access widths as the caveat); the bound is the
+largest.
 """
 import argparse
 import json
@@ -40,16 +42,19 @@ BINS = (1, 2, 3, 6)
 SHAPES = [(8, 2048, 90, 90), (8, 2048, 64, 128)]
 HEAD_O = 512         # PSPNet's bottleneck channels (the head ops' O at full size)
 
-# Thread instructions per element of the head kernels' hot loops (from their code; SASS-checked shapes of the loops):
-#  epilogue, NCHW register taps: 12 (level, dx) pairs: 12 LDS.64 + 24 FFMA, + ~10 (z from shared memory, convert,
+# Per element of the head kernels' hot loops (from their code; the SASS of those loops has this shape):
+#  epilogue, register taps (L <= 4): 12 (level, dx) pairs: 12 LDS.64 + 24 FFMA, + ~10 (z from shared memory, convert,
 #    affine, relu, store back, loop), + the vertical pass (~12 per output at 90x90: (K+1) rows x 3 dy x ~10 / W) and
-#    the 16-byte copies in and out (~1)           -> ~59
-#  epilogue, table taps (channels_last): each pair also loads its tap from the table and forms the row index
-#    (+1 LDS.128, +3 integer ops)                  -> ~107
+#    the 16-byte copies in and out (~1): ~59 instructions. Shared memory per 32 outputs: NCHW 12 V pairs (the warp's
+#    columns of one row share 2-3 pairs: one wavefront each) + 2 (z read and result written, 2 bytes a lane) = 14;
+#    channels_last 24 (32 channels' distinct pairs: 256 bytes, two wavefronts each) + 2 = 26.
 #  context backward: per grad element 3 dx x 2 taps x L levels column terms, each ~4 instructions (weight load,
-#    value load, FFMA, loop), + staging (~3)       -> ~99
-ISSUE_PER_ELEMENT = {("head_epilogue", "nchw"): 59, ("head_epilogue", "channels_last"): 107,
-                     ("head_context_backward", "nchw"): 99, ("head_context_backward", "channels_last"): 99}
+#    value load, FFMA, loop), + staging (~3): ~99; shared memory: 24 terms x 2 loads (weight a broadcast, values of
+#    consecutive rows or channels conflict free) per 32 elements = 48 wavefronts.
+PER_ELEMENT = {  # (op, layout): (thread instructions, shared-memory wavefronts per 32 elements)
+    ("head_epilogue", "nchw"): (59, 14), ("head_epilogue", "channels_last"): (59, 26),
+    ("head_context_backward", "nchw"): (99, 48), ("head_context_backward", "channels_last"): (99, 48)}
+SMEM = 132 * 1.98e9  # wavefronts per second
 
 
 def log(*a):
@@ -157,8 +162,9 @@ def run(shapes, dtype, layouts, sass):
                 t0 = time.time()
                 ls = launches(E_of[name], fn)
                 t_mem = full[name] / BW * 1e6
-                ipe = ISSUE_PER_ELEMENT.get((name, layout))
+                ipe, wpe = PER_ELEMENT.get((name, layout), (None, None))
                 t_issue = elements[name] * ipe / ISSUE * 1e6 if ipe else None
+                t_smem = elements[name] / 32 * wpe / SMEM * 1e6 if wpe else None
                 for k in ls:
                     s = sass.get(k["kernel"]) if sass else None
                     if s:
@@ -168,9 +174,11 @@ def run(shapes, dtype, layouts, sass):
                 row = {"shape": "x".join(map(str, shape)), "dtype": str(dtype)[6:], "layout": layout, "op": name,
                        "launches": ls, "bytes": full[name], "t_mem_us": round(t_mem, 1),
                        "t_issue_us": None if t_issue is None else round(t_issue, 1),
-                       "issue_per_element": ipe,
-                       "bound": "memory" if t_issue is None or t_mem >= t_issue else "issue",
-                       "predicted_us": round(max(t_mem, t_issue or 0), 1),
+                       "t_smem_us": None if t_smem is None else round(t_smem, 1),
+                       "issue_per_element": ipe, "smem_wavefronts_per_32": wpe,
+                       "bound": max([("memory", t_mem), ("issue", t_issue or 0), ("shared memory", t_smem or 0)],
+                                    key=lambda kv: kv[1])[0],
+                       "predicted_us": round(max(t_mem, t_issue or 0, t_smem or 0), 1),
                        "emulated_s": round(time.time() - t0, 1)}
                 row["of_copy"] = round(t_mem / row["predicted_us"], 2)
                 rows.append(row)
@@ -184,8 +192,8 @@ def widths(d):
 
 def markdown(rows):
     out = ["| shape | layout | op | kernel launched | block | dyn smem | regs | loop LDG / STG widths (bits:count) | "
-           "MB | t_mem us | t_issue us | predicted us | bound |",
-           "|" + " --- |" * 13]
+           "MB | t_mem us | t_issue us | t_smem us | predicted us | of copy | bound |",
+           "|" + " --- |" * 15]
     for r in rows:
         for i, k in enumerate(r["launches"] or [{"kernel": "(none)"}]):
             first = i == 0
@@ -193,8 +201,8 @@ def markdown(rows):
             out.append(
                 f"| {r['shape'] if first else ''} | {r['layout'] if first else ''} | {r['op'] if first else ''} | "
                 f"`{k['kernel']}` | {k.get('block', '')} | {k.get('smem', '')} | {k.get('regs', '-')} | {ws} | "
-                + (f"{r['bytes'] / 1e6:.1f} | {r['t_mem_us']} | {r['t_issue_us'] if r['t_issue_us'] else '-'} | "
-                   f"{r['predicted_us']} | {r['bound']} |" if first else "| | | | |"))
+                + (f"{r['bytes'] / 1e6:.1f} | {r['t_mem_us']} | {r['t_issue_us'] or '-'} | {r['t_smem_us'] or '-'} | "
+                   f"{r['predicted_us']} | {r['of_copy']:.0%} | {r['bound']} |" if first else "| | | | | | |"))
     return "\n".join(out)
 
 
@@ -221,7 +229,8 @@ def main(argv=None):
     print(markdown(rows))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"bandwidth_Bps": BW, "issue_per_s": ISSUE, "rows": rows}, f, indent=1)
+            json.dump({"bandwidth_Bps": BW, "issue_per_s": ISSUE, "smem_wavefronts_per_s": SMEM, "rows": rows}, f,
+                      indent=1)
     return 0
 
 

@@ -236,16 +236,17 @@ __device__ __forceinline__ void copy_run(const T* __restrict__ src, T* __restric
 
 // z, out: element (n, c, y, x) at n sN + c sC + y sH + x sW; q (N, O, 9, S), scale / shift (O) contiguous, acc_t.
 // Persistent blocks (grid from the occupancy calculator) loop over items (n, chunk of OC channels). Once per block:
-// the table of V rows (ktab: level, dx, column taps j / j1 of row k) and, channels_last or more than 4 levels, the
-// column taps of every level and column (ctab); NCHW with up to 4 levels keeps each thread's 12 column taps in
-// registers instead. Per item the block stages its channels' q (qs[(t S + s) OCP + c]), then per band of RB rows:
-// the row taps of the band (rtab, per level and row y0 - 1 .. y0 + RB), (0) the band of z copied into shared memory
-// (zs[(yl W + x) OC + c], memory order; 16-byte loads: NCHW one contiguous run placed at out's address modulo 16,
-// channels_last 16-byte runs of a pixel's channels when they align), (1) V[(k RB + yl) OC + c] = (V_k(y), V_k1(y))
-// pairs, (2) every thread (c, tx, ty) adds the context to its outputs in shared memory, in place of z (NCHW: the
-// columns x = tx + m TX, the rows yl = ty + m' TY, one shared-memory pair per level and dx, a broadcast across the
-// warp's columns of one row), (3) the band copied out with 16-byte stores. No division and no 64-bit arithmetic per
-// element: carried counters for the V items, int offsets within a band, one 64-bit base per band.
+// the table of V rows (ktab: level, dx, column taps j / j1 of row k) and, with more than 4 levels, the column taps of
+// every level and column (ctab); with up to 4 levels each thread keeps its column's 12 taps in registers instead.
+// Per item the block stages its channels' q (qs[(t S + s) OCP + c]), then per band of RB rows: the row taps of the
+// band (rtab, per level and row y0 - 1 .. y0 + RB), (0) the band of z copied into shared memory (zs[(yl W + x) OC +
+// c], memory order; 16-byte loads: NCHW one contiguous run placed at out's address modulo 16, channels_last 16-byte
+// runs of a pixel's channels when they align), (1) V[(k RB + yl) OC + c] = (V_k(y), V_k1(y)) pairs, (2) every
+// thread (c, tx, ty) adds the context to its outputs in shared memory, in place of z: the columns x = tx + m TX, the
+// rows yl = ty + m' TY, one shared-memory pair per level and dx (NCHW: a broadcast across the warp's columns of one
+// row; channels_last: the warp's 32 channels of one pixel, 256 distinct bytes), (3) the band copied out with 16-byte
+// stores. No division and no 64-bit arithmetic per element: carried counters for the V items, int offsets within a
+// band, one 64-bit base per band.
 template <typename scalar_t, typename acc_t, bool REG_TAPS>
 __global__ void __launch_bounds__(kEpiThreads, sizeof(acc_t) == 8 ? 1 : 2)
     head_epilogue_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ q, const acc_t* __restrict__ scale,
@@ -310,8 +311,8 @@ __global__ void __launch_bounds__(kEpiThreads, sizeof(acc_t) == 8 ? 1 : 2)
   const int txy = tid >> p.oc_shift;
   const int tx = txy % p.TX;
   const int ty = txy / p.TX;
-  // Column taps in registers (NCHW, L <= 4): per (level, dx) the V row index at yl = 0 (left tap; the zero row K
-  // when xs is outside the image) and the two weights; computed once when a thread has one column (W <= TX).
+  // Column taps in registers (L <= 4): per (level, dx) the V entry at yl = 0 (left tap; the zero row K when xs is
+  // outside the image) and the two weights; computed once when a thread has one column (W <= TX), else per column.
   constexpr int NT = REG_TAPS ? 12 : 1;
   int cj[NT];
   acc_t cw0[NT], cw1[NT];
@@ -326,11 +327,11 @@ __global__ void __launch_bounds__(kEpiThreads, sizeof(acc_t) == 8 ? 1 : 2)
         if (l < L && xs >= 0 && xs < W) {
           const Tap32<acc_t> tw = tap32<acc_t>(sw, xs, b, W, align);
           // The pair at tw.i0 holds (V[tw.i0], V[tw.i1]): the same rule picks j1 in the vertical pass.
-          cj[3 * l + dx] = (3 * static_cast<int>(p.lv.boff[l]) + dx * b + tw.i0) * RB;
+          cj[3 * l + dx] = (3 * static_cast<int>(p.lv.boff[l]) + dx * b + tw.i0) * RB * OC + c;
           cw0[3 * l + dx] = tw.l0;
           cw1[3 * l + dx] = tw.l1;
         } else {
-          cj[3 * l + dx] = K * RB;
+          cj[3 * l + dx] = K * RB * OC + c;
           cw0[3 * l + dx] = cw1[3 * l + dx] = 0;
         }
       }
@@ -489,7 +490,7 @@ __global__ void __launch_bounds__(kEpiThreads, sizeof(acc_t) == 8 ? 1 : 2)
 #pragma unroll
               for (int t = 0; t < 12; ++t) {
                 if (t < 3 * L) {
-                  const Pair<acc_t> v = V[cj[t] + yl];  // shared-memory indices fit int (the plan checks)
+                  const Pair<acc_t> v = V[cj[t] + yl * OC];  // shared-memory indices fit int (the plan checks)
                   ctx = fused_mul_add(cw0[t], v.a, ctx);
                   ctx = fused_mul_add(cw1[t], v.b, ctx);
                 }
@@ -675,7 +676,9 @@ void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, cons
   const acc_t* scp = p.affine ? scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t* shp = p.affine ? shift.const_data_ptr<acc_t>() : nullptr;
   scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-  const bool reg_taps = !cl && p.lv.num <= 4;
+  // Column taps in registers whenever L <= 4 (channels_last too: a thread's column x stays for all rows of a band, so
+  // its 12 taps are computed once per column instead of read from the table for every output).
+  const bool reg_taps = p.lv.num <= 4;
   const int64_t esz = sizeof(scalar_t);
   const int64_t smem = plan_epilogue(p, cl, reg_taps, sizeof(acc_t), esz, head_smem_optin());
   if (smem < 0) {

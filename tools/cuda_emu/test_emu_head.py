@@ -194,8 +194,12 @@ if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, tru
     fail("90x90 bf16 NCHW: expected the register-tap kernel, 8 blocks of 360 threads, got", E.emu_launch_log())
 E.emu_launch_log_clear()
 run_case((1, 2, 3, 6), 90, 90, False, 1, 16, torch.bfloat16, "cl", True, True, check_det=False)
-if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, false> grid=1,1,1 block=384,"):
-    fail("90x90 bf16 channels_last: expected the table kernel, one 16-channel chunk, got", E.emu_launch_log())
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, true> grid=1,1,1 block=384,"):
+    fail("90x90 bf16 channels_last: expected the register-tap kernel, one 16-channel chunk, got", E.emu_launch_log())
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6, 8), 9, 10, True, 1, 16, torch.bfloat16, "cl", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, false>"):
+    fail("5 levels: expected the table kernel, got", E.emu_launch_log())
 run_case((1, 2, 3, 6), 64, 128, True, 1, 3, torch.bfloat16, "nchw", True, True, check_det=False)
 run_case((1, 2, 3, 6), 64, 128, False, 1, 8, torch.bfloat16, "cl", False, True, check_det=False)
 run_case((1, 2, 3, 6), 9, 90, True, 3, 5, torch.float16, "cl", True, False)
