@@ -1,12 +1,11 @@
-// Helpers shared by the CUDA sources of csrc/cuda (ppm_*.cu, head_cuda.cu), defined once: argument checks, device
-// queries, shared-memory opt-in, the per-level table, 16-byte vector access, global -> shared staging and the index
-// helpers (division, level lookup, bilinear tap weights and ranges). Everything is inline (or a template) in
-// namespace pspnet_fast, so each translation unit may include it.
+// Helpers shared by the CUDA sources of csrc/cuda (ppm_*.cu, head_cuda.cu), defined once: the host helpers of
+// cuda_host.h (argument checks, device queries, shared-memory opt-in, the per-level table) and the device helpers:
+// 16-byte vector access, global <-> shared staging, division, level lookup, bilinear tap weights and ranges.
+// Everything is inline (or a template) in namespace pspnet_fast, so each translation unit may include it.
 //
-// tools/cuda_emu inlines this file into each generated unit (make_emu.py / emu_common.inline_common): it drops the
-// `#pragma once` and the c10/cuda includes below (the prelude stands in for them) and applies the same rewrites as to
-// the .cu files, so keep device queries and device checks written as in the .cu files (`.is_cuda()`,
-// `C10_CUDA_CHECK(cudaDeviceGetAttribute(...))`).
+// tools/cuda_emu inlines this file (and cuda_host.h) into each generated unit (emu_common.inline_common): it drops
+// `#pragma once` and the c10/cuda includes (the prelude stands in for them) and applies the same rewrites as to the
+// .cu files, so keep device queries and device checks written as there (`.is_cuda()`, `C10_CUDA_CHECK(...)`).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,114 +18,10 @@
 #include <cstring>
 #include <limits>
 
+#include "cuda_host.h"  // LevelTable, checks, device queries, allow_smem, ceil_div, align16
 #include "ppm_math.h"
 
 namespace pspnet_fast {
-
-// Largest bin count: keeps b^2, i * H and the host's boundary lists (2 * sum(bins) entries) small.
-constexpr int64_t kMaxBin = int64_t{1} << 16;
-// Shared memory a block may use without opting in; plans aim under it and opt in only when they cannot.
-constexpr int64_t kDefaultSmem = 48 * 1024;
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
-
-// ------------------------------------------------------------------------------------------------------------------
-// Host: checks, device queries, launch helpers
-// ------------------------------------------------------------------------------------------------------------------
-
-// Per-level tables passed by value in kernel arguments (L <= kMaxLevels).
-struct LevelTable {
-  int num;
-  int64_t bins[kMaxLevels];
-  int64_t offs[kMaxLevels + 1];  // column offset of level l in S; offs[num] = S
-  int64_t boff[kMaxLevels + 1];  // prefix sums of bins: index of level l's first bin row/column among all levels
-};
-
-inline LevelTable make_levels(const char* op, at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty(), op, ": bins must hold at least one level, got an empty list");
-  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, op, ": at most ", kMaxLevels,
-              " pyramid levels are supported, got ", bins.size());
-  LevelTable t{};
-  t.num = static_cast<int>(bins.size());
-  t.offs[0] = 0;
-  t.boff[0] = 0;
-  for (int l = 0; l < t.num; ++l) {
-    const int64_t b = bins[l];
-    TORCH_CHECK(b > 0 && b <= kMaxBin, op, ": every bin count must be in [1, ", kMaxBin, "], got ", bins);
-    t.bins[l] = b;
-    t.offs[l + 1] = t.offs[l] + b * b;
-    t.boff[l + 1] = t.boff[l] + b;
-  }
-  return t;
-}
-
-// A tensor argument on x's CUDA device.
-inline void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(), " (x's device), got ",
-              t.device());
-}
-
-// A 4-d feature map argument of the PPM ops (x, or grad_out of the backward ops): C, H, W >= 1.
-inline void check_x(const char* op, const at::Tensor& x, const char* name = "x") {
-  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, C, H, W), got ", x.dim(), " dims ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with C, H, W >= 1, got ",
-              x.sizes());
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
-}
-
-// A 4-d feature map argument of the head ops (z, grad): O may be 0.
-inline void check_map(const char* op, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, O, H, W), got ", x.dim(), " dims ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with H, W >= 1, got ", x.sizes());
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
-}
-
-// channels_last fast path only when the layout is unambiguous (C == 1 or H == W == 1 tensors are both).
-inline bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-inline int current_device() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-inline int sm_count() {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, current_device()));
-  return std::max(v, 1);
-}
-
-// The most dynamic shared memory one block may opt in to (at least the default 48 KiB).
-inline int64_t smem_optin() {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));
-  return std::max<int64_t>(v, kDefaultSmem);
-}
-
-// Raises the kernel's dynamic shared memory limit when a plan needs more than the default 48 KiB.
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > kDefaultSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // ------------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -173,6 +68,13 @@ __device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bo
     }
   }
   return lo;
+}
+
+// Element i of a float32 or float64 tensor (levels, grad_pooled) in opmath_t.
+template <typename opmath_t>
+__device__ __forceinline__ opmath_t load_level(const void* lv, bool dbl, int64_t i) {
+  return dbl ? static_cast<opmath_t>(__ldg(static_cast<const double*>(lv) + i))
+             : static_cast<opmath_t>(__ldg(static_cast<const float*>(lv) + i));
 }
 
 template <typename T, int V>
