@@ -109,34 +109,129 @@ __device__ __forceinline__ void store_vec(T* p, const AlignedVec<T, V>& r) {
   }
 }
 
-// Copies n contiguous elements global -> shared (dst 16-byte aligned) with 16-byte loads after peeling src to
-// alignment, several loads in flight per thread.
+// (hi:lo >> s) & 0xFFFFFFFF for s in [0, 32): the emulator has no __funnelshift_r.
+__device__ __forceinline__ uint32_t funnel_r(uint32_t lo, uint32_t hi, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __funnelshift_r(lo, hi, s);
+#else
+  return static_cast<uint32_t>(((static_cast<uint64_t>(hi) << 32) | lo) >> s);
+#endif
+}
+
+// Bytes [r, r + 16) of the 32 bytes lo:hi (r in [0, 16), little endian): the 16-byte vector that starts r bytes into
+// an aligned one. r is uniform across a warp in every caller, so the switch does not diverge; four funnel shifts.
+__device__ __forceinline__ uint4 shift16(const uint4& lo, const uint4& hi, int r) {
+  const uint32_t s = 8u * static_cast<uint32_t>(r & 3);
+  uint32_t w0, w1, w2, w3, w4;
+  switch (r >> 2) {
+    case 0: w0 = lo.x; w1 = lo.y; w2 = lo.z; w3 = lo.w; w4 = hi.x; break;
+    case 1: w0 = lo.y; w1 = lo.z; w2 = lo.w; w3 = hi.x; w4 = hi.y; break;
+    case 2: w0 = lo.z; w1 = lo.w; w2 = hi.x; w3 = hi.y; w4 = hi.z; break;
+    default: w0 = lo.w; w1 = hi.x; w2 = hi.y; w3 = hi.z; w4 = hi.w; break;
+  }
+  uint4 o;
+  o.x = funnel_r(w0, w1, s);
+  o.y = funnel_r(w1, w2, s);
+  o.z = funnel_r(w2, w3, s);
+  o.w = funnel_r(w3, w4, s);
+  return o;
+}
+
+// Copies n contiguous elements global -> shared (dst 16-byte aligned): every shared store is one aligned 16-byte
+// vector. When src is not 16-byte aligned, vector i is cut from the two aligned 16-byte chunks of src it straddles
+// (the second load of a chunk hits L1: the neighbour thread loaded it), never from element-wise shared stores (which
+// cost 8 stores and 4-way bank conflicts per vector for 2-byte types). Reading a whole aligned chunk that holds a
+// valid element never leaves the allocation's pages.
 template <typename T>
 __device__ __forceinline__ void stage_contiguous(const T* __restrict__ src, T* __restrict__ dst, int n, int tid,
                                                  int nt) {
   constexpr int V = 16 / sizeof(T);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
-  int head = static_cast<int>(((16 - (a & 15)) & 15) / sizeof(T));
-  head = head < n ? head : n;
-  for (int i = tid; i < head; i += nt) dst[i] = src[i];
-  const int nv = (n - head) / V;
-  const uint4* vs = reinterpret_cast<const uint4*>(src + head);
-  if (head == 0) {
-    // dst is 16-byte aligned: whole-vector shared stores.
-    uint4* vd = reinterpret_cast<uint4*>(dst);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src) & 15);
+  const int nv = n / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst);
+  if (r == 0) {
+    const uint4* vs = reinterpret_cast<const uint4*>(src);
 #pragma unroll 4
     for (int i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
   } else {
+    const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src) - r);
 #pragma unroll 4
-    for (int i = tid; i < nv; i += nt) {
-      const uint4 v = __ldg(vs + i);
-      T e[V];
-      memcpy(e, &v, 16);
-#pragma unroll
-      for (int k = 0; k < V; ++k) dst[head + i * V + k] = e[k];
-    }
+    for (int i = tid; i < nv; i += nt) vd[i] = shift16(__ldg(vs + i), __ldg(vs + i + 1), r);
+  }
+  for (int i = nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Copies n contiguous elements shared -> global, any alignment of either: every store but those of dst's head (up to
+// its first 16-byte boundary) and tail is an aligned 16-byte vector, cut from the two aligned shared chunks it
+// straddles (conflict-free 16-byte shared loads) when src and dst differ in alignment. Reads up to 16 bytes of shared
+// memory past src + n (the plan reserves them) and before src back to a 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ void store_contiguous(const T* src, T* __restrict__ dst, int n, int tid, int nt) {
+  constexpr int V = 16 / sizeof(T);
+  const int a = static_cast<int>(reinterpret_cast<uintptr_t>(dst) & 15);
+  int head = ((16 - a) & 15) / static_cast<int>(sizeof(T));
+  head = head < n ? head : n;
+  if (tid < head) dst[tid] = src[tid];
+  const int nv = (n - head) / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst + head);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src + head) & 15);
+  const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src + head) - r);
+  if (r == 0) {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = vs[i];
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = shift16(vs[i], vs[i + 1], r);
   }
   for (int i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Copies n contiguous elements global -> global (both runs of one tensor's elements, any alignment): aligned 16-byte
+// stores after an element-wise head, each cut from the one or two aligned source chunks it needs; one thread per
+// vector, grid-stride by (tid, nt) over the caller's threads.
+template <typename T>
+__device__ __forceinline__ void copy_contiguous(const T* __restrict__ src, T* __restrict__ dst, int64_t n, int64_t tid,
+                                                int64_t nt) {
+  constexpr int V = 16 / sizeof(T);
+  const int a = static_cast<int>(reinterpret_cast<uintptr_t>(dst) & 15);
+  int64_t head = ((16 - a) & 15) / static_cast<int>(sizeof(T));
+  head = head < n ? head : n;
+  if (tid < head) dst[tid] = src[tid];
+  const int64_t nv = (n - head) / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst + head);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src + head) & 15);
+  const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src + head) - r);
+  if (r == 0) {
+#pragma unroll 4
+    for (int64_t i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
+  } else {
+#pragma unroll 4
+    for (int64_t i = tid; i < nv; i += nt) vd[i] = shift16(__ldg(vs + i), __ldg(vs + i + 1), r);
+  }
+  for (int64_t i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Unsigned 32-bit division by a divisor fixed per launch, as a multiply-high and a shift (the host computes the magic
+// number; ATen's IntDivider). Valid for n < 2^31 and 1 <= d < 2^31.
+struct FastDiv {
+  uint32_t d, m;
+  uint32_t s;
+};
+
+inline FastDiv make_fastdiv(uint32_t d) {
+  FastDiv f{d, 0, 0};
+  while (f.s < 32 && (uint32_t{1} << f.s) < d) ++f.s;
+  f.m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << f.s) - d)) / d + 1);
+  return f;
+}
+
+__device__ __forceinline__ uint32_t fast_div(const FastDiv& f, uint32_t n) {
+#ifdef __CUDA_ARCH__
+  const uint32_t t = __umulhi(n, f.m);
+#else
+  const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+  return (t + n) >> f.s;
 }
 
 }  // namespace pspnet_fast

@@ -416,6 +416,7 @@ struct PoolBwdParams {
   int64_t cchunks; // channels_last: ceil(C / tc)
   int rows;        // row table entries per level
   int off_col, off_row;  // dynamic shared memory byte offsets (q at 0)
+  FastDiv wdiv;    // NCHW: position / W
 };
 
 // Bins of a level of b that contain index x of an extent n (pool_start <= x < pool_end): first = floor(x*b / n),
@@ -459,12 +460,17 @@ __device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t
 }
 
 // NCHW: grad_out (N, C2, H, W) contiguous, out (N, C, H, W). One block per P whole planes or per chunk of E
-// positions of one plane; threads take VEC-element vectors in memory order (16-byte loads and stores; a vector may
-// wrap to the next row, never to the next plane: H*W % VEC == 0).
-template <typename scalar_t, typename acc_t, int VEC, bool GENERIC>
+// positions of one plane. Per plane (n, c and the int64 bases found once per plane, int32 positions within it), the
+// out run is written as aligned 16-byte vectors, its unaligned head and tail element-wise (H*W need not be a multiple
+// of 8: 90x90 planes start at every alignment); each vector's grad_out elements are one aligned 16-byte load, or two
+// cut into one (shift16) when grad_out's plane has another alignment (C2 != C). Position e = h W + w: h by
+// multiply-high once per vector, then w steps; the bins of (h, w) from the row and column tables (or, GENERIC, per
+// use). Vectors never span two planes.
+template <typename scalar_t, typename acc_t, bool GENERIC>
 __global__ void __launch_bounds__(kPbThreads)
     pool_bwd_nchw_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
                          const __grid_constant__ PoolBwdParams p) {
+  constexpr int V = 16 / sizeof(scalar_t);
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* q = reinterpret_cast<acc_t*>(smem);
   uint32_t* colr = reinterpret_cast<uint32_t*>(smem + p.off_col);
@@ -474,20 +480,22 @@ __global__ void __launch_bounds__(kPbThreads)
   const int L = p.lv.num;
   const int64_t HW = p.H * p.W;
   const int64_t S = p.S;
+  const int W = static_cast<int>(p.W);
   // GENERIC kernels read the plan's flags; the others are compiled for q and tables in shared memory.
   const bool stage_q = !GENERIC || p.stage_q;
   const bool tabs = !GENERIC || p.tabs;
-  int64_t plane0, pos0, pos1;
+  int64_t plane0;
+  int pos0, pos1;
   int np;
   if (p.P > 1) {
     plane0 = static_cast<int64_t>(blockIdx.x) * p.P;
     np = static_cast<int>(min(static_cast<int64_t>(p.P), p.planes - plane0));
     pos0 = 0;
-    pos1 = HW;
+    pos1 = static_cast<int>(HW);
   } else {
     plane0 = div_nn(blockIdx.x, p.chunks);
-    pos0 = (blockIdx.x - plane0 * p.chunks) * p.E;
-    pos1 = min(HW, pos0 + p.E);
+    pos0 = static_cast<int>((blockIdx.x - plane0 * p.chunks) * p.E);
+    pos1 = static_cast<int>(min(HW, pos0 + p.E));
     np = 1;
   }
   if (stage_q) {
@@ -504,43 +512,65 @@ __global__ void __launch_bounds__(kPbThreads)
   if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
   __syncthreads();
 
-  const int64_t h_lo = div_nn(pos0, p.W);
-  const int64_t per_plane = (pos1 - pos0) / VEC;
-  for (int64_t u = tid; u < np * per_plane; u += nt) {
-    const int64_t pp = div_nn(u, per_plane);
-    const int64_t e = pos0 + (u - pp * per_plane) * VEC;
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  for (int pp = 0; pp < np; ++pp) {
     const int64_t plane = plane0 + pp;
     const int64_t n = div_nn(plane, p.C);
-    const int64_t c = plane - n * p.C;
-    const AlignedVec<scalar_t, VEC> gv = load_vec<scalar_t, VEC>(go + (n * p.C2 + c) * HW + e);
-    AlignedVec<scalar_t, VEC> ov;
-    int64_t h = div_nn(e, p.W);
-    int64_t w = e - h * p.W;
+    const scalar_t* g = go + (n * p.C2 + (plane - n * p.C)) * HW;
+    scalar_t* o = out + plane * HW;
     const acc_t* qp = q + pp * S;
     const int64_t gbase = plane * S;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
+    // grad_x at (h, w) given grad_out's value there.
+    const auto value = [&](int h, int w, scalar_t gv) {
       acc_t s = 0;
       for (int l = 0; l < L; ++l) {
         const int64_t b = p.lv.bins[l];
-        const int64_t off = p.lv.offs[l];
+        const int off = static_cast<int>(p.lv.offs[l]);
         const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
-        const uint32_t cr = tabs ? colr[l * p.W + w] : pool_bins_of(w, b, p.W);
+        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W);
         const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
         for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
-          const int64_t row = off + i * b;
+          const int row = off + i * static_cast<int>(b);
           for (int j = j0; j <= j1; ++j) {
             s += stage_q ? qp[row + j] : pool_share<acc_t>(p, gp, gbase + row + j, b, i, j);
           }
         }
       }
-      ov.v[k] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[k]) + s);
-      if (++w == p.W) {
-        w = 0;
-        ++h;
-      }
+      return static_cast<scalar_t>(static_cast<acc_t>(gv) + s);
+    };
+    const int a = static_cast<int>(reinterpret_cast<uintptr_t>(o + pos0) & 15);
+    const int head = min(((16 - a) & 15) / static_cast<int>(sizeof(scalar_t)), pos1 - pos0);
+    if (tid < head) {
+      const int e = pos0 + tid;
+      const int h = static_cast<int>(fast_div(p.wdiv, e));
+      o[e] = value(h, e - h * W, g[e]);
     }
-    store_vec<scalar_t, VEC>(out + plane * HW + e, ov);
+    const int body0 = pos0 + head;
+    const int nv = (pos1 - body0) / V;
+    const int r = static_cast<int>(reinterpret_cast<uintptr_t>(g + body0) & 15);  // uniform over the plane
+    const uint4* gs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(g + body0) - r);
+    for (int k = tid; k < nv; k += nt) {
+      const int e = body0 + k * V;
+      const uint4 graw = r == 0 ? __ldg(gs + k) : shift16(__ldg(gs + k), __ldg(gs + k + 1), r);
+      AlignedVec<scalar_t, V> gv;
+      memcpy(&gv, &graw, 16);
+      int h = static_cast<int>(fast_div(p.wdiv, e));
+      int w = e - h * W;
+      AlignedVec<scalar_t, V> ov;
+#pragma unroll
+      for (int m = 0; m < V; ++m) {
+        ov.v[m] = value(h, w, gv.v[m]);
+        if (++w == W) {
+          w = 0;
+          ++h;
+        }
+      }
+      store_vec<scalar_t, V>(o + e, ov);
+    }
+    for (int e = body0 + nv * V + tid; e < pos1; e += nt) {
+      const int h = static_cast<int>(fast_div(p.wdiv, e));
+      o[e] = value(h, e - h * W, g[e]);
+    }
   }
 }
 
@@ -638,7 +668,8 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
   const scalar_t* gop = go.const_data_ptr<scalar_t>();
   scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
   const bool ptrs_aligned = aligned(gop) && aligned(op_);
-  const bool vec = ptrs_aligned && (cl ? (p.C % V == 0 && p.C2 % V == 0) : HW % V == 0);
+  // channels_last: 16-byte vectors of channels when every pixel row is aligned (NCHW vectorizes at any size).
+  const bool vec = cl && ptrs_aligned && p.C % V == 0 && p.C2 % V == 0;
   const int64_t vw = vec ? V : 1;
   const int64_t optin = smem_optin();
 
@@ -665,7 +696,7 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
     // Several whole planes per block when planes are small; keep about a thousand blocks or more.
     int64_t P = 2 * HW <= kPbChunk ? kPbChunk / HW : 1;
     P = std::min<int64_t>(P, std::max<int64_t>(1, ceil_div(p.planes, 1024)));
-    const int64_t E1 = std::min<int64_t>(HW, kPbChunk);  // positions of a one-plane block: a multiple of vw
+    const int64_t E1 = std::min<int64_t>(HW, kPbChunk);  // positions of a one-plane block
     bool found = false;
     for (const Choice& ch : prefs) {
       if (layout(1, E1, ch.sq, ch.tb) > ch.budget) continue;
@@ -688,12 +719,12 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
       kernel<<<static_cast<unsigned>(blocks), kPbThreads, smem, stream>>>(gp.const_data_ptr(), gop, op_, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
+    TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
+    p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
     if (!(p.stage_q && p.tabs)) {
-      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, 1, true>);
-    } else if (vec) {
-      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, V, false>);
+      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, true>);
     } else {
-      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, 1, false>);
+      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, false>);
     }
     return;
   }

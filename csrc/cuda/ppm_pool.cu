@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cuda_common.cuh"
+#include "ppm_cuda.h"
 #include "ppm_math.h"
 
 namespace pspnet_fast {
@@ -74,6 +75,9 @@ struct PoolParams {
   int64_t cchunks;
   // Dynamic shared memory layout, byte offsets.
   int off_tile, off_r1, off_colsum, off_acc, off_tab;
+  // ppm_forward (COPY kernels): x's plane (n, c) is copied to channel X0 + c of xout (N, Ctot, H, W) as it is read.
+  int64_t Ctot, X0;
+  bool copy_vec;  // channels_last COPY: 16-byte stores into xout
 };
 
 // Steps shared by both layouts once the cells are complete: colsum[rs][jj] = sum of a column bin's cells in row
@@ -145,9 +149,12 @@ __device__ __forceinline__ void pool_finish(const PoolParams& p, const int* bh, 
 //   phase 2, per row band: acc[p][rs][cs] (+)= sum over the band's rows of row segment rs of r1;
 //   then colsum / finish combine cells into every level's bins.
 // Each accumulator has one owner thread per step and steps are separated by barriers: a fixed summation order.
-template <typename scalar_t, typename acc_t>
+// COPY (ppm_forward): each staged tile is also written to xout from shared memory (store_contiguous: aligned 16-byte
+// stores whatever the two tensors' alignments), so x is read once for both the pooling and the copy.
+template <typename scalar_t, typename acc_t, bool COPY>
 __global__ void __launch_bounds__(kPoolThreads)
-    pool_nchw_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ out, const __grid_constant__ PoolParams p) {
+    pool_nchw_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ out, scalar_t* __restrict__ xout,
+                     const __grid_constant__ PoolParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem + p.off_tile);
   acc_t* r1 = reinterpret_cast<acc_t*>(smem + p.off_r1);
@@ -173,6 +180,24 @@ __global__ void __launch_bounds__(kPoolThreads)
       const int64_t g0 = plane0 * p.H * p.W + static_cast<int64_t>(h0) * W + w0;
       stage_contiguous(x + g0, tile, np * th * tw, tid, nt);
       __syncthreads();
+      if constexpr (COPY) {
+        // Plane pp's part of the tile: th * tw elements at tile + pp * th * tw, contiguous in xout too. Whole planes
+        // of one image (or a single plane) are one run in xout; planes of two images, one run per plane.
+        const int run = th * tw;
+        const int64_t HW = p.H * p.W;
+        const int64_t pos = static_cast<int64_t>(h0) * W + w0;
+        const int64_t n0 = div_nn(plane0, p.C);
+        const int64_t n1 = div_nn(plane0 + np - 1, p.C);
+        if (n0 == n1) {
+          store_contiguous(tile, xout + (n0 * p.Ctot + p.X0 + plane0 - n0 * p.C) * HW + pos, np * run, tid, nt);
+        } else {
+          for (int pp = 0; pp < np; ++pp) {
+            const int64_t n = div_nn(plane0 + pp, p.C);
+            store_contiguous(tile + pp * run, xout + (n * p.Ctot + p.X0 + plane0 + pp - n * p.C) * HW + pos, run,
+                             tid, nt);
+          }
+        }
+      }
       // Phase 1: items (plane, row, column segment) in tile order; segment pieces are short serial shared reads.
       const int cs_lo = seg_find(bw, nsw + 1, w0);
       const int ncs = seg_find(bw, nsw + 1, w0 + tw - 1) + 1 - cs_lo;
@@ -216,14 +241,19 @@ __global__ void __launch_bounds__(kPoolThreads)
   pool_finish(p, bh, colsum, np, 1, colsum_plane, out + plane0 * p.S, tid, nt);
 }
 
-// channels_last: x (N, H, W, C) in memory, out (N, C, S). One block per (n, chunk of tc channels): thread (g, c)
-// with c fastest, so each pixel's tc channels are one coalesced 32-byte run. Cells (row segment x column segment,
-// refined on the host so there are several per pixel group) are assigned to the groups round robin; each cell is
-// summed in a register by the thread of its channel and stored to cells[cell][c]. Then the same two-step bin
+// channels_last: x (N, H, W, C) in memory, out (N, C, S). One block per (n, chunk of tc channels): thread (g, c) with
+// c fastest takes VEC consecutive channels c .. c + VEC of every pixel of its cells (one 16-byte load per pixel when
+// VEC > 1: C a multiple of VEC and x aligned), so a pixel's tc channels are one coalesced run of tc / VEC threads.
+// Cells (row segment x column segment, refined on the host so there are several per pixel group) are assigned to the
+// groups round robin; each cell is summed in registers and stored to cells[cell][c]. Then the same two-step bin
 // combination; out rows (n, c0 .. c0+tc) are one contiguous run of tc * S values.
-template <typename scalar_t, typename acc_t>
+// COPY (ppm_forward): every vector read is also stored to channels X0 + c of the same pixel of xout (N, H, W, Ctot):
+// one 16-byte store when copy_vec (Ctot and X0 multiples of VEC, xout aligned), else element stores.
+template <typename scalar_t, typename acc_t, bool COPY, int VEC>
 __global__ void __launch_bounds__(kPoolClThreads)
-    pool_cl_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ out, const __grid_constant__ PoolParams p) {
+    pool_cl_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ out, scalar_t* __restrict__ xout,
+                   const __grid_constant__ PoolParams p) {
+  using Vec = AlignedVec<scalar_t, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];
   int* bh = reinterpret_cast<int*>(smem + p.off_tab);
   int* bw = bh + p.nsh + 1;
@@ -233,13 +263,14 @@ __global__ void __launch_bounds__(kPoolClThreads)
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int tc = p.tc;
-  const int cl = tid % tc;
-  const int grp = tid / tc;
-  const int groups = nt / tc;
+  const int tpp = tc / VEC;  // threads per pixel
+  const int cl = (tid % tpp) * VEC;
+  const int grp = tid / tpp;
+  const int groups = nt / tpp;
   const int64_t n = blockIdx.x / p.cchunks;
   const int64_t c0 = (blockIdx.x - n * p.cchunks) * tc;
   const int64_t c = c0 + cl;
-  const bool valid = c < p.C;
+  const bool valid = c < p.C;  // VEC > 1: C % VEC == 0, so all VEC channels exist
   const int nsh = p.nsh, nsw = p.nsw;
   for (int i = tid; i <= nsh; i += nt) bh[i] = p.bh[i];
   for (int i = tid; i <= nsw; i += nt) bw[i] = p.bw[i];
@@ -247,36 +278,64 @@ __global__ void __launch_bounds__(kPoolClThreads)
 
   const int64_t C = p.C;
   const scalar_t* xn = x + n * p.H * p.W * C + c;
+  const int64_t Ctot = p.Ctot;
+  scalar_t* xo = COPY ? xout + n * p.H * p.W * Ctot + p.X0 + c : nullptr;
+  const auto put = [&](scalar_t* d, const Vec& v) {
+    if (VEC > 1 && p.copy_vec) {
+      store_vec<scalar_t, VEC>(d, v);
+    } else {
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) d[m] = v.v[m];
+    }
+  };
   const int ncells = nsh * nsw;
   for (int k = grp; k < ncells; k += groups) {
     const int rs = k / nsw;
     const int cs = k - rs * nsw;
-    acc_t s = 0;
+    acc_t s[VEC];
+#pragma unroll
+    for (int m = 0; m < VEC; ++m) s[m] = 0;
     if (valid) {
       const int wa = bw[cs];
       const int cw = bw[cs + 1] - wa;
       for (int h = bh[rs]; h < bh[rs + 1]; ++h) {
         const scalar_t* q = xn + (static_cast<int64_t>(h) * p.W + wa) * C;
+        scalar_t* qo = COPY ? xo + (static_cast<int64_t>(h) * p.W + wa) * Ctot : nullptr;
         int w = 0;
         // Four independent loads in flight before their adds (memory-level parallelism per thread).
         for (; w + 4 <= cw; w += 4) {
-          const acc_t v0 = static_cast<acc_t>(q[0]);
-          const acc_t v1 = static_cast<acc_t>(q[C]);
-          const acc_t v2 = static_cast<acc_t>(q[2 * C]);
-          const acc_t v3 = static_cast<acc_t>(q[3 * C]);
-          s += v0;
-          s += v1;
-          s += v2;
-          s += v3;
+          const Vec e0 = load_vec<scalar_t, VEC>(q), e1 = load_vec<scalar_t, VEC>(q + C);
+          const Vec e2 = load_vec<scalar_t, VEC>(q + 2 * C), e3 = load_vec<scalar_t, VEC>(q + 3 * C);
+          if constexpr (COPY) {
+            put(qo, e0);
+            put(qo + Ctot, e1);
+            put(qo + 2 * Ctot, e2);
+            put(qo + 3 * Ctot, e3);
+            qo += 4 * Ctot;
+          }
+#pragma unroll
+          for (int m = 0; m < VEC; ++m) {
+            s[m] += static_cast<acc_t>(e0.v[m]);
+            s[m] += static_cast<acc_t>(e1.v[m]);
+            s[m] += static_cast<acc_t>(e2.v[m]);
+            s[m] += static_cast<acc_t>(e3.v[m]);
+          }
           q += 4 * C;
         }
         for (; w < cw; ++w) {
-          s += static_cast<acc_t>(q[0]);
+          const Vec e0 = load_vec<scalar_t, VEC>(q);
+          if constexpr (COPY) {
+            put(qo, e0);
+            qo += Ctot;
+          }
+#pragma unroll
+          for (int m = 0; m < VEC; ++m) s[m] += static_cast<acc_t>(e0.v[m]);
           q += C;
         }
       }
     }
-    cells[static_cast<int64_t>(k) * tc + cl] = s;
+#pragma unroll
+    for (int m = 0; m < VEC; ++m) cells[static_cast<int64_t>(k) * tc + cl + m] = s[m];
   }
   __syncthreads();
   pool_colsum(p, bw, cells, colsum, tc, tc, 1, 1, tid, nt);
@@ -325,7 +384,7 @@ void set_bounds(PoolParams& p, const std::vector<int>& bh, const std::vector<int
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_pool_nchw(const Tensor& x, Tensor& out, PoolParams& p, const std::vector<int>& bh,
+void launch_pool_nchw(const Tensor& x, Tensor& out, scalar_t* xout, PoolParams& p, const std::vector<int>& bh,
                       const std::vector<int>& bw) {
   TORCH_CHECK(static_cast<int>(bh.size()) - 1 <= kMaxSegs && static_cast<int>(bw.size()) - 1 <= kMaxSegs,
               "pyramid_pool: the bins cut H into ", bh.size() - 1, " and W into ", bw.size() - 1,
@@ -340,7 +399,8 @@ void launch_pool_nchw(const Tensor& x, Tensor& out, PoolParams& p, const std::ve
   int64_t P = (p.TH == p.H && p.TW == p.W) ? std::max<int64_t>(1, E / (p.H * p.W)) : 1;
   P = std::min<int64_t>(P, std::max<int64_t>(1, ceil_div(p.planes, 1024)));
   auto layout = [&](int64_t planes_per_block) {
-    const int64_t tile_b = align16(planes_per_block * p.TH * p.TW * esz);
+    // + 16: store_contiguous (COPY) may read one chunk past the tile.
+    const int64_t tile_b = align16(planes_per_block * p.TH * p.TW * esz) + 16;
     const int64_t r1_b = align16(planes_per_block * p.TH * nsw * asz);
     const int64_t colsum_b = align16(planes_per_block * nsh * p.sumb * asz);
     const int64_t acc_b = align16(planes_per_block * nsh * nsw * asz);
@@ -360,22 +420,23 @@ void launch_pool_nchw(const Tensor& x, Tensor& out, PoolParams& p, const std::ve
               " bytes of shared memory per block, the device allows ", optin, " (use fewer or smaller bins)");
   const int64_t blocks = ceil_div(p.planes, P);
   TORCH_CHECK(blocks <= INT32_MAX, "pyramid_pool: N * C = ", p.planes, " is too large for one launch");
-  auto kernel = pool_nchw_kernel<scalar_t, acc_t>;
+  auto kernel = xout != nullptr ? pool_nchw_kernel<scalar_t, acc_t, true> : pool_nchw_kernel<scalar_t, acc_t, false>;
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), kPoolThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), p);
+      x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), xout, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_pool_cl(const Tensor& x, Tensor& out, PoolParams& p, const std::vector<int>& bh,
+void launch_pool_cl(const Tensor& x, Tensor& out, scalar_t* xout, PoolParams& p, const std::vector<int>& bh,
                     const std::vector<int>& bw) {
   const int64_t asz = sizeof(acc_t);
-  // 32 bytes of channels per pixel group: one full sector per load.
-  int64_t tc0 = std::max<int64_t>(1, 32 / static_cast<int64_t>(sizeof(scalar_t)));
+  constexpr int V = 16 / sizeof(scalar_t);
+  // 16-byte loads of V channels when every pixel's channels are aligned; the copy's stores when xout's are too.
+  const bool vec = aligned16(x.const_data_ptr()) && p.C % V == 0;
+  p.copy_vec = xout != nullptr && aligned16(xout) && p.Ctot % V == 0 && p.X0 % V == 0;
   int64_t pow2c = 1;
   while (pow2c < p.C) pow2c *= 2;
-  tc0 = std::min(tc0, pow2c);
   auto smem_for = [&](int64_t nh, int64_t nw, int64_t tc) {
     return align16((nh + nw + 2) * 4) + align16(nh * nw * tc * asz) + align16(nh * p.sumb * tc * asz);
   };
@@ -386,41 +447,48 @@ void launch_pool_cl(const Tensor& x, Tensor& out, PoolParams& p, const std::vect
 
   // Pick tc and the refinement (pieces of at most k rows/columns): the largest k that still gives ~4 cells per pixel
   // group (load balance across groups, fewest cells to combine), made larger if needed to fit shared memory. Prefer
-  // the 48 KiB default, then fewer channels per block, then the opt-in limit.
-  int64_t tc = 0, k = 0;
-  for (int64_t budget : {kDefaultSmem, optin}) {
-    for (int64_t t = tc0; t >= 1 && tc == 0; t /= 2) {
-      const int64_t target = 4 * (kPoolClThreads / t);
-      auto fits = [&](int64_t kk) {
-        const int64_t ch = refined_count(bh, kk), cw = refined_count(bw, kk);
-        return ch <= kMaxSegs && cw <= kMaxSegs && smem_for(ch, cw, t) <= budget;
-      };
-      auto enough = [&](int64_t kk) { return refined_count(bh, kk) * refined_count(bw, kk) >= target; };
-      if (!fits(maxlen)) continue;  // even the unrefined segments do not fit with t channels
-      // Largest k in [1, maxlen] with enough cells (1 if none has).
-      int64_t lo = 1, hi = maxlen;
-      while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (enough(mid)) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
+  // the 48 KiB default, then fewer channels per block, then the opt-in limit. tc starts at 128 bytes of channels
+  // (vectorized: 8 threads of 16 bytes per pixel) or 32 bytes (scalar: one sector per load of a pixel group) and
+  // halves down to the vector width; when no vectorized plan fits, the scalar one is tried.
+  int64_t tc = 0, k = 0, vw = 1;
+  for (const int64_t w : {static_cast<int64_t>(vec ? V : 0), int64_t{1}}) {
+    if (w == 0 || tc != 0) continue;
+    const int64_t tc0 = std::min<int64_t>(std::max<int64_t>(w, (w > 1 ? 128 : 32) / static_cast<int64_t>(sizeof(scalar_t))), pow2c);
+    for (int64_t budget : {kDefaultSmem, optin}) {
+      for (int64_t t = tc0; t >= w && tc == 0; t /= 2) {
+        const int64_t target = 4 * (kPoolClThreads / (t / w));
+        auto fits = [&](int64_t kk) {
+          const int64_t ch = refined_count(bh, kk), cw = refined_count(bw, kk);
+          return ch <= kMaxSegs && cw <= kMaxSegs && smem_for(ch, cw, t) <= budget;
+        };
+        auto enough = [&](int64_t kk) { return refined_count(bh, kk) * refined_count(bw, kk) >= target; };
+        if (!fits(maxlen)) continue;  // even the unrefined segments do not fit with t channels
+        // Largest k in [1, maxlen] with enough cells (1 if none has).
+        int64_t lo = 1, hi = maxlen;
+        while (lo < hi) {
+          const int64_t mid = (lo + hi + 1) / 2;
+          if (enough(mid)) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
         }
-      }
-      // Smallest k >= lo that fits (fits(maxlen) holds).
-      int64_t a = lo, z = maxlen;
-      while (a < z) {
-        const int64_t mid = (a + z) / 2;
-        if (fits(mid)) {
-          z = mid;
-        } else {
-          a = mid + 1;
+        // Smallest k >= lo that fits (fits(maxlen) holds).
+        int64_t a = lo, z = maxlen;
+        while (a < z) {
+          const int64_t mid = (a + z) / 2;
+          if (fits(mid)) {
+            z = mid;
+          } else {
+            a = mid + 1;
+          }
         }
+        tc = t;
+        k = a;
+        vw = w;
       }
-      tc = t;
-      k = a;
+      if (tc != 0) break;
     }
-    if (tc != 0) break;
   }
   TORCH_CHECK(tc != 0, "pyramid_pool: the bins cut H into ", bh.size() - 1, " and W into ", bw.size() - 1,
               " segments; channels_last pooling supports at most ", kMaxSegs,
@@ -436,24 +504,19 @@ void launch_pool_cl(const Tensor& x, Tensor& out, PoolParams& p, const std::vect
   const int64_t smem = smem_for(nsh, nsw, tc);
   const int64_t blocks = (p.planes / p.C) * p.cchunks;
   TORCH_CHECK(blocks <= INT32_MAX, "pyramid_pool: N * C = ", p.planes, " is too large for one launch");
-  auto kernel = pool_cl_kernel<scalar_t, acc_t>;
+  auto kernel = xout != nullptr
+                    ? (vw > 1 ? pool_cl_kernel<scalar_t, acc_t, true, V> : pool_cl_kernel<scalar_t, acc_t, true, 1>)
+                    : (vw > 1 ? pool_cl_kernel<scalar_t, acc_t, false, V> : pool_cl_kernel<scalar_t, acc_t, false, 1>);
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(blocks), kPoolClThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), p);
+      x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), xout, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Tensor pyramid_pool_cuda(const Tensor& x_in, at::IntArrayRef bins) {
-  check_x("pyramid_pool", x_in);
-  const LevelTable lv = make_levels("pyramid_pool", bins);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const auto out_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor out = at::empty({N, C, lv.offs[lv.num]}, x_in.options().dtype(out_type));
-  if (N == 0) return out;
-  const bool cl = use_channels_last(x_in);
-  const Tensor x = cl ? x_in : x_in.contiguous();
-
+// Pools x (N, C, H, W; contiguous or channels_last, as use_channels_last says) into out (N, C, S); with xout
+// (ppm_forward's output, same layout) also copies x into its channels [X0, X0 + C) in the same pass.
+void run_pool(const char* op, const Tensor& x, const LevelTable& lv, Tensor& out, Tensor* xout, int64_t X0) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   PoolParams p{};
   p.lv = lv;
   p.planes = N * C;
@@ -461,22 +524,71 @@ Tensor pyramid_pool_cuda(const Tensor& x_in, at::IntArrayRef bins) {
   p.H = H;
   p.W = W;
   p.S = lv.offs[lv.num];
-  TORCH_CHECK(lv.boff[lv.num] <= INT32_MAX, "pyramid_pool: sum(bins) too large, got ", bins);
+  TORCH_CHECK(lv.boff[lv.num] <= INT32_MAX, op, ": sum(bins) too large, got ", lv.boff[lv.num]);
   p.sumb = static_cast<int>(lv.boff[lv.num]);
+  p.Ctot = xout != nullptr ? xout->size(1) : C;
+  p.X0 = X0;
   const std::vector<int> bh = segment_bounds(lv, H), bw = segment_bounds(lv, W);
   // Every level contributes 0 and the extent, and at most 2b boundaries.
   TORCH_INTERNAL_ASSERT(bh.front() == 0 && bh.back() == H && bw.front() == 0 && bw.back() == W);
   TORCH_INTERNAL_ASSERT(static_cast<int64_t>(bh.size()) - 1 <= 2 * lv.boff[lv.num] - 1 &&
                         static_cast<int64_t>(bw.size()) - 1 <= 2 * lv.boff[lv.num] - 1);
-
+  const bool cl = use_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyramid_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* xo = xout != nullptr ? xout->mutable_data_ptr<scalar_t>() : nullptr;
     if (cl) {
-      launch_pool_cl<scalar_t, acc_t>(x, out, p, bh, bw);
+      launch_pool_cl<scalar_t, acc_t>(x, out, xo, p, bh, bw);
     } else {
-      launch_pool_nchw<scalar_t, acc_t>(x, out, p, bh, bw);
+      launch_pool_nchw<scalar_t, acc_t>(x, out, xo, p, bh, bw);
     }
   });
+}
+
+Tensor pyramid_pool_cuda(const Tensor& x_in, at::IntArrayRef bins) {
+  check_x("pyramid_pool", x_in);
+  const LevelTable lv = make_levels("pyramid_pool", bins);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto out_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({N, C, lv.offs[lv.num]}, x_in.options().dtype(out_type));
+  if (N == 0) return out;
+  const Tensor x = use_channels_last(x_in) ? x_in : x_in.contiguous();
+  run_pool("pyramid_pool", x, lv, out, nullptr, 0);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// ppm_forward: the eval forward with x read once
+// ------------------------------------------------------------------------------------------------------------------
+//
+// Three steps, the same code as the composition upsample_concat(x, ppm_reduce(pyramid_pool(x))) so the values are
+// the composition's bit for bit: (1) the pooling pass above, which also writes x into its channels of out (x read
+// once, written once); (2) ppm_reduce (cuBLAS) on the small pooled tensor; (3) upsample_concat's level pass, which
+// writes only the level channels. Bytes: N C H W read + N (C + L R) H W written, the floor of the op.
+Tensor ppm_forward_cuda(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& scale,
+                        const std::optional<Tensor>& shift, at::IntArrayRef bins, bool relu, bool align_corners,
+                        bool x_last) {
+  const char* op = "ppm_forward";
+  check_x(op, x_in);
+  check_cuda(op, "weight", weight, x_in);
+  const LevelTable lv = make_levels(op, bins);
+  TORCH_CHECK(weight.dim() == 3, op, ": expected weight of shape (L, R, C), got ", weight.sizes());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t R = weight.size(1);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool cl = use_channels_last(x_in);
+  Tensor out = at::empty({N, C + lv.num * R, H, W}, x_in.options(),
+                         cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const auto pooled_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor pooled = at::empty({N, C, lv.offs[lv.num]}, x_in.options().dtype(pooled_type));
+  if (N > 0) {
+    const Tensor x = cl ? x_in : x_in.contiguous();
+    run_pool(op, x, lv, pooled, &out, x_last ? lv.num * R : 0);
+  }
+  // Checks weight, scale and shift against pooled (also for N = 0).
+  const Tensor levels = ppm_reduce_cuda(pooled, weight, scale, shift, bins, relu);
+  if (N > 0) upsample_levels_into(levels, out, C, bins, align_corners, x_last);
   return out;
 }
 
@@ -485,4 +597,5 @@ Tensor pyramid_pool_cuda(const Tensor& x_in, at::IntArrayRef bins) {
 
 TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m) {
   m.impl("pyramid_pool", &pspnet_fast::pyramid_pool_cuda);
+  m.impl("ppm_forward", &pspnet_fast::ppm_forward_cuda);
 }

@@ -43,7 +43,7 @@ def rewrite(path):
     s = inline_common(open(path).read())
     s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
     assert CUDA_HDR in s, f"{path}: the c10/cuda include block the rewrite replaces is missing"
-    s = s.replace(CUDA_HDR, '#include "emu_prelude.h"\n')
+    s = s.replace(CUDA_HDR, '#include "emu_prelude.h"\n#include "emu_extra.h"\n')
     s = s.replace('extern __shared__ __align__(16) unsigned char smem[];', 'unsigned char* smem = g_dyn_smem;')
     s = s.replace('.is_cuda()', '.is_cpu()')  # the ops' device checks: the emulated ops take CPU tensors
     s = rewrite_launches(s)
