@@ -1,12 +1,11 @@
-// Helpers shared by the CUDA sources of csrc/cuda (ppm_*.cu, head_cuda.cu), defined once: argument checks, device
-// queries, shared-memory opt-in, the per-level table, 16-byte vector access, global -> shared staging and the index
-// helpers (division, level lookup, bilinear tap weights and ranges). Everything is inline (or a template) in
-// namespace pspnet_fast, so each translation unit may include it.
+// Helpers shared by the CUDA sources of csrc/cuda (ppm_*.cu, head_cuda.cu), defined once: the host helpers of
+// cuda_host.h (argument checks, device queries, shared-memory opt-in, the per-level table) and the device helpers:
+// 16-byte vector access, global <-> shared staging, division, level lookup, bilinear tap weights and ranges.
+// Everything is inline (or a template) in namespace pspnet_fast, so each translation unit may include it.
 //
-// tools/cuda_emu inlines this file into each generated unit (make_emu.py / emu_common.inline_common): it drops the
-// `#pragma once` and the c10/cuda includes below (the prelude stands in for them) and applies the same rewrites as to
-// the .cu files, so keep device queries and device checks written as in the .cu files (`.is_cuda()`,
-// `C10_CUDA_CHECK(cudaDeviceGetAttribute(...))`).
+// tools/cuda_emu inlines this file (and cuda_host.h) into each generated unit (emu_common.inline_common): it drops
+// `#pragma once` and the c10/cuda includes (the prelude stands in for them) and applies the same rewrites as to the
+// .cu files, so keep device queries and device checks written as there (`.is_cuda()`, `C10_CUDA_CHECK(...)`).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,114 +18,10 @@
 #include <cstring>
 #include <limits>
 
+#include "cuda_host.h"  // LevelTable, checks, device queries, allow_smem, ceil_div, align16
 #include "ppm_math.h"
 
 namespace pspnet_fast {
-
-// Largest bin count: keeps b^2, i * H and the host's boundary lists (2 * sum(bins) entries) small.
-constexpr int64_t kMaxBin = int64_t{1} << 16;
-// Shared memory a block may use without opting in; plans aim under it and opt in only when they cannot.
-constexpr int64_t kDefaultSmem = 48 * 1024;
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
-
-// ------------------------------------------------------------------------------------------------------------------
-// Host: checks, device queries, launch helpers
-// ------------------------------------------------------------------------------------------------------------------
-
-// Per-level tables passed by value in kernel arguments (L <= kMaxLevels).
-struct LevelTable {
-  int num;
-  int64_t bins[kMaxLevels];
-  int64_t offs[kMaxLevels + 1];  // column offset of level l in S; offs[num] = S
-  int64_t boff[kMaxLevels + 1];  // prefix sums of bins: index of level l's first bin row/column among all levels
-};
-
-inline LevelTable make_levels(const char* op, at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty(), op, ": bins must hold at least one level, got an empty list");
-  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, op, ": at most ", kMaxLevels,
-              " pyramid levels are supported, got ", bins.size());
-  LevelTable t{};
-  t.num = static_cast<int>(bins.size());
-  t.offs[0] = 0;
-  t.boff[0] = 0;
-  for (int l = 0; l < t.num; ++l) {
-    const int64_t b = bins[l];
-    TORCH_CHECK(b > 0 && b <= kMaxBin, op, ": every bin count must be in [1, ", kMaxBin, "], got ", bins);
-    t.bins[l] = b;
-    t.offs[l + 1] = t.offs[l] + b * b;
-    t.boff[l + 1] = t.boff[l] + b;
-  }
-  return t;
-}
-
-// A tensor argument on x's CUDA device.
-inline void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(), " (x's device), got ",
-              t.device());
-}
-
-// A 4-d feature map argument of the PPM ops (x, or grad_out of the backward ops): C, H, W >= 1.
-inline void check_x(const char* op, const at::Tensor& x, const char* name = "x") {
-  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, C, H, W), got ", x.dim(), " dims ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with C, H, W >= 1, got ",
-              x.sizes());
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
-}
-
-// A 4-d feature map argument of the head ops (z, grad): O may be 0.
-inline void check_map(const char* op, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected ", name, " of shape (N, O, H, W), got ", x.dim(), " dims ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": expected ",
-              name, " of dtype float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": expected ", name, " with H, W >= 1, got ", x.sizes());
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int32_t>::max() && x.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": H and W must fit in int32, got ", name, " of shape ", x.sizes());
-}
-
-// channels_last fast path only when the layout is unambiguous (C == 1 or H == W == 1 tensors are both).
-inline bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-inline int current_device() {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-inline int sm_count() {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, current_device()));
-  return std::max(v, 1);
-}
-
-// The most dynamic shared memory one block may opt in to (at least the default 48 KiB).
-inline int64_t smem_optin() {
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));
-  return std::max<int64_t>(v, kDefaultSmem);
-}
-
-// Raises the kernel's dynamic shared memory limit when a plan needs more than the default 48 KiB.
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > kDefaultSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // ------------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -175,6 +70,13 @@ __device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bo
   return lo;
 }
 
+// Element i of a float32 or float64 tensor (levels, grad_pooled) in opmath_t.
+template <typename opmath_t>
+__device__ __forceinline__ opmath_t load_level(const void* lv, bool dbl, int64_t i) {
+  return dbl ? static_cast<opmath_t>(__ldg(static_cast<const double*>(lv) + i))
+             : static_cast<opmath_t>(__ldg(static_cast<const float*>(lv) + i));
+}
+
 template <typename T, int V>
 struct alignas(sizeof(T) * V) AlignedVec {
   T v[V];
@@ -207,34 +109,129 @@ __device__ __forceinline__ void store_vec(T* p, const AlignedVec<T, V>& r) {
   }
 }
 
-// Copies n contiguous elements global -> shared (dst 16-byte aligned) with 16-byte loads after peeling src to
-// alignment, several loads in flight per thread.
+// (hi:lo >> s) & 0xFFFFFFFF for s in [0, 32): the emulator has no __funnelshift_r.
+__device__ __forceinline__ uint32_t funnel_r(uint32_t lo, uint32_t hi, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __funnelshift_r(lo, hi, s);
+#else
+  return static_cast<uint32_t>(((static_cast<uint64_t>(hi) << 32) | lo) >> s);
+#endif
+}
+
+// Bytes [r, r + 16) of the 32 bytes lo:hi (r in [0, 16), little endian): the 16-byte vector that starts r bytes into
+// an aligned one. r is uniform across a warp in every caller, so the switch does not diverge; four funnel shifts.
+__device__ __forceinline__ uint4 shift16(const uint4& lo, const uint4& hi, int r) {
+  const uint32_t s = 8u * static_cast<uint32_t>(r & 3);
+  uint32_t w0, w1, w2, w3, w4;
+  switch (r >> 2) {
+    case 0: w0 = lo.x; w1 = lo.y; w2 = lo.z; w3 = lo.w; w4 = hi.x; break;
+    case 1: w0 = lo.y; w1 = lo.z; w2 = lo.w; w3 = hi.x; w4 = hi.y; break;
+    case 2: w0 = lo.z; w1 = lo.w; w2 = hi.x; w3 = hi.y; w4 = hi.z; break;
+    default: w0 = lo.w; w1 = hi.x; w2 = hi.y; w3 = hi.z; w4 = hi.w; break;
+  }
+  uint4 o;
+  o.x = funnel_r(w0, w1, s);
+  o.y = funnel_r(w1, w2, s);
+  o.z = funnel_r(w2, w3, s);
+  o.w = funnel_r(w3, w4, s);
+  return o;
+}
+
+// Copies n contiguous elements global -> shared (dst 16-byte aligned): every shared store is one aligned 16-byte
+// vector. When src is not 16-byte aligned, vector i is cut from the two aligned 16-byte chunks of src it straddles
+// (the second load of a chunk hits L1: the neighbour thread loaded it), never from element-wise shared stores (which
+// cost 8 stores and 4-way bank conflicts per vector for 2-byte types). Reading a whole aligned chunk that holds a
+// valid element never leaves the allocation's pages.
 template <typename T>
 __device__ __forceinline__ void stage_contiguous(const T* __restrict__ src, T* __restrict__ dst, int n, int tid,
                                                  int nt) {
   constexpr int V = 16 / sizeof(T);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
-  int head = static_cast<int>(((16 - (a & 15)) & 15) / sizeof(T));
-  head = head < n ? head : n;
-  for (int i = tid; i < head; i += nt) dst[i] = src[i];
-  const int nv = (n - head) / V;
-  const uint4* vs = reinterpret_cast<const uint4*>(src + head);
-  if (head == 0) {
-    // dst is 16-byte aligned: whole-vector shared stores.
-    uint4* vd = reinterpret_cast<uint4*>(dst);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src) & 15);
+  const int nv = n / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst);
+  if (r == 0) {
+    const uint4* vs = reinterpret_cast<const uint4*>(src);
 #pragma unroll 4
     for (int i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
   } else {
+    const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src) - r);
 #pragma unroll 4
-    for (int i = tid; i < nv; i += nt) {
-      const uint4 v = __ldg(vs + i);
-      T e[V];
-      memcpy(e, &v, 16);
-#pragma unroll
-      for (int k = 0; k < V; ++k) dst[head + i * V + k] = e[k];
-    }
+    for (int i = tid; i < nv; i += nt) vd[i] = shift16(__ldg(vs + i), __ldg(vs + i + 1), r);
+  }
+  for (int i = nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Copies n contiguous elements shared -> global, any alignment of either: every store but those of dst's head (up to
+// its first 16-byte boundary) and tail is an aligned 16-byte vector, cut from the two aligned shared chunks it
+// straddles (conflict-free 16-byte shared loads) when src and dst differ in alignment. Reads up to 16 bytes of shared
+// memory past src + n (the plan reserves them) and before src back to a 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ void store_contiguous(const T* src, T* __restrict__ dst, int n, int tid, int nt) {
+  constexpr int V = 16 / sizeof(T);
+  const int a = static_cast<int>(reinterpret_cast<uintptr_t>(dst) & 15);
+  int head = ((16 - a) & 15) / static_cast<int>(sizeof(T));
+  head = head < n ? head : n;
+  if (tid < head) dst[tid] = src[tid];
+  const int nv = (n - head) / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst + head);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src + head) & 15);
+  const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src + head) - r);
+  if (r == 0) {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = vs[i];
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < nv; i += nt) vd[i] = shift16(vs[i], vs[i + 1], r);
   }
   for (int i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Copies n contiguous elements global -> global (both runs of one tensor's elements, any alignment): aligned 16-byte
+// stores after an element-wise head, each cut from the one or two aligned source chunks it needs; one thread per
+// vector, grid-stride by (tid, nt) over the caller's threads.
+template <typename T>
+__device__ __forceinline__ void copy_contiguous(const T* __restrict__ src, T* __restrict__ dst, int64_t n, int64_t tid,
+                                                int64_t nt) {
+  constexpr int V = 16 / sizeof(T);
+  const int a = static_cast<int>(reinterpret_cast<uintptr_t>(dst) & 15);
+  int64_t head = ((16 - a) & 15) / static_cast<int>(sizeof(T));
+  head = head < n ? head : n;
+  if (tid < head) dst[tid] = src[tid];
+  const int64_t nv = (n - head) / V;
+  uint4* vd = reinterpret_cast<uint4*>(dst + head);
+  const int r = static_cast<int>(reinterpret_cast<uintptr_t>(src + head) & 15);
+  const uint4* vs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src + head) - r);
+  if (r == 0) {
+#pragma unroll 4
+    for (int64_t i = tid; i < nv; i += nt) vd[i] = __ldg(vs + i);
+  } else {
+#pragma unroll 4
+    for (int64_t i = tid; i < nv; i += nt) vd[i] = shift16(__ldg(vs + i), __ldg(vs + i + 1), r);
+  }
+  for (int64_t i = head + nv * V + tid; i < n; i += nt) dst[i] = src[i];
+}
+
+// Unsigned 32-bit division by a divisor fixed per launch, as a multiply-high and a shift (the host computes the magic
+// number; ATen's IntDivider). Valid for n < 2^31 and 1 <= d < 2^31.
+struct FastDiv {
+  uint32_t d, m;
+  uint32_t s;
+};
+
+inline FastDiv make_fastdiv(uint32_t d) {
+  FastDiv f{d, 0, 0};
+  while (f.s < 32 && (uint32_t{1} << f.s) < d) ++f.s;
+  f.m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << f.s) - d)) / d + 1);
+  return f;
+}
+
+__device__ __forceinline__ uint32_t fast_div(const FastDiv& f, uint32_t n) {
+#ifdef __CUDA_ARCH__
+  const uint32_t t = __umulhi(n, f.m);
+#else
+  const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+  return (t + n) >> f.s;
 }
 
 }  // namespace pspnet_fast
