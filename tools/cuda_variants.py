@@ -62,8 +62,10 @@ def log(*a):
 
 
 def build_ppm_emulator():
-    """The PPM ops' emulator with the launch log: make_emu.py's generated unit, its kernels given external linkage
-    and emu_launch_log_defs registered, built as its own library (pspnet_emu_log) so the test build is untouched."""
+    """The PPM ops' emulator with the launch log: the units make_emu.py generates (one per csrc/cuda/ppm_* source),
+    copied with their op library renamed pspnet_emu_log, plus one unit registering emu_launch_log_defs, built into
+    one library (the test build is untouched). Its kernels sit in anonymous namespaces, so the log names them
+    "?+0x<offset>"; names() resolves those through the library's symbol table (nm)."""
     import emu_common
     from torch.utils.cpp_extension import load
     import torch
@@ -72,33 +74,67 @@ def build_ppm_emulator():
                        text=True)
     if r.returncode != 0:
         raise RuntimeError("make_emu.py failed: " + r.stderr[-500:])
-    s = open(emu_common.GEN_CPP).read()
-    s = s.replace("\nnamespace {\n", "\ninline namespace emu_visible {\n")
-    s = s.replace("TORCH_LIBRARY(pspnet_emu, m) {\n", "TORCH_LIBRARY(pspnet_emu_log, m) {\n  emu_launch_log_defs(m);\n")
     d = os.path.join(emu_common.EMU_DIR, "variants")
     os.makedirs(d, exist_ok=True)
-    src = os.path.join(d, "ppm_emu_log.cpp")
-    if not os.path.exists(src) or open(src).read() != s:
-        open(src, "w").write(s)
-    load(name="ppm_emu_log", sources=[src], extra_include_paths=[os.path.join(REPO, "csrc"), emu_common.HERE],
-         extra_cflags=["-O2", "-pthread", "-w"], extra_ldflags=["-pthread"], is_python_module=False,
-         build_directory=d, verbose=False)
-    torch.ops.load_library(os.path.join(d, "ppm_emu_log.so"))
-    return torch.ops.pspnet_emu_log
+    units = []
+    for src in open(emu_common.GEN_SOURCES_LIST).read().split():
+        s = open(src).read().replace("TORCH_LIBRARY_FRAGMENT(pspnet_emu, m)", "TORCH_LIBRARY_FRAGMENT(pspnet_emu_log, m)")
+        units.append((os.path.join(d, os.path.basename(src)), s))
+    units.append((os.path.join(d, "emu_log.cpp"), '#include <torch/library.h>\n#include "emu_prelude.h"\n'
+                  'TORCH_LIBRARY_FRAGMENT(pspnet_emu_log, m) {\n  emu_launch_log_defs(m);\n}\n'))
+    for path, text in units:
+        if not os.path.exists(path) or open(path).read() != text:
+            open(path, "w").write(text)
+    load(name="ppm_emu_log", sources=[p for p, _ in units],
+         extra_include_paths=[os.path.join(REPO, "csrc"), emu_common.HERE], extra_cflags=["-O2", "-pthread", "-w"],
+         extra_ldflags=["-pthread"], is_python_module=False, build_directory=d, verbose=False)
+    so = os.path.join(d, "ppm_emu_log.so")
+    torch.ops.load_library(so)
+    return torch.ops.pspnet_emu_log, so
+
+
+def symbol_table(so):
+    """{offset: short name} of the functions in a library (nm -C), for the launch log's "?+0x..." entries."""
+    out = {}
+    r = subprocess.run(["nm", "-C", "--defined-only", so], capture_output=True, text=True)
+    for ln in r.stdout.splitlines():
+        parts = ln.split(" ", 2)
+        if len(parts) == 3 and parts[1] in "tTwW":
+            name = parts[2]
+            name = re.sub(r"^void ", "", name)
+            depth, cut = 0, len(name)
+            for i, ch in enumerate(name):
+                if ch == "<":
+                    depth += 1
+                elif ch == ">":
+                    depth -= 1
+                elif ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+                    cut = i
+                    break
+            name = name[:cut]
+            for ns in ("pspnet_fast::", "(anonymous namespace)::", "emu_visible::", "c10::"):
+                name = name.replace(ns, "")
+            out[int(parts[0], 16)] = name
+    return out
 
 
 def nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def launches(E, fn):
+def launches(E, fn, symbols=None):
     E.emu_launch_log_clear()
     fn()
     out = []
     for ln in E.emu_launch_log():
         m = re.match(r"(.*) grid=(\S+) block=(\S+) smem=(\d+)$", ln)
-        out.append({"kernel": m.group(1), "grid": m.group(2), "block": m.group(3).split(",")[0],
-                    "smem": int(m.group(4))} if m else {"kernel": ln})
+        if not m:
+            out.append({"kernel": ln})
+            continue
+        name = m.group(1)
+        if name.startswith("?+0x") and symbols:
+            name = symbols.get(int(name[4:], 16), name)
+        out.append({"kernel": name, "grid": m.group(2), "block": m.group(3).split(",")[0], "smem": int(m.group(4))})
     return out
 
 
@@ -107,8 +143,10 @@ def run(shapes, dtype, layouts, sass):
 
     rows = []
     H_ops = __import__("head_emu").load_head_emu(verbose=False)
+    symbols = None
     try:
-        P = build_ppm_emulator()
+        P, so = build_ppm_emulator()
+        symbols = symbol_table(so)
     except Exception as e:  # the head rows still come
         log(f"PPM emulator unavailable ({type(e).__name__}: {str(e)[:300]}); head ops only")
         P = None
@@ -160,7 +198,7 @@ def run(shapes, dtype, layouts, sass):
             E_of = {name: (H_ops if name.startswith("head") else P) for name, _ in calls}
             for name, fn in calls:
                 t0 = time.time()
-                ls = launches(E_of[name], fn)
+                ls = launches(E_of[name], fn, symbols)
                 t_mem = full[name] / BW * 1e6
                 ipe, wpe = PER_ELEMENT.get((name, layout), (None, None))
                 t_issue = elements[name] * ipe / ISSUE * 1e6 if ipe else None

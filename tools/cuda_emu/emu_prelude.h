@@ -52,12 +52,6 @@ inline long long g_smem_limit = 48 * 1024;
 inline long long g_max_smem_seen = 0;
 inline long long g_launches = 0;
 inline int cudaFuncSetAttribute(const void*, cudaFuncAttribute, int v) { g_smem_limit = v; return 0; }
-// Two resident blocks per SM (4 SMs above): persistent-grid launchers get 8 blocks and loop over their items.
-template <typename K>
-inline int cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
-  *n = 2;
-  return 0;
-}
 #define C10_CUDA_CHECK(x) (void)(x)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() (void)0
 namespace c10::cuda {

@@ -21,7 +21,8 @@ def generate():
     s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
     hdr = '#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n'
     assert hdr in s
-    s = s.replace(hdr, '#include "emu_prelude.h"\ninline long long g_head_optin = 227 * 1024;\n')
+    # emu_extra.h: the occupancy query (2 blocks per SM, 4 SMs: persistent grids of 8 blocks).
+    s = s.replace(hdr, '#include "emu_prelude.h"\n#include "emu_extra.h"\ninline long long g_head_optin = 227 * 1024;\n')
     q = 'C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));'
     assert q in s
     s = s.replace(q, 'v = static_cast<int>(g_head_optin);')
