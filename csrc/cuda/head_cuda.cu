@@ -247,8 +247,10 @@ __device__ __forceinline__ void copy_run(const T* __restrict__ src, T* __restric
 // row; channels_last: the warp's 32 channels of one pixel, 256 distinct bytes), (3) the band copied out with 16-byte
 // stores. No division and no 64-bit arithmetic per element: carried counters for the V items, int offsets within a
 // band, one 64-bit base per band.
+// Launch bounds: two blocks per SM in 80 registers for the float register-tap kernel; one for fp64 and for the table
+// kernel (more than 4 levels: rare), which would spill under 80 registers on sm_80.
 template <typename scalar_t, typename acc_t, bool REG_TAPS>
-__global__ void __launch_bounds__(kEpiThreads, sizeof(acc_t) == 8 ? 1 : 2)
+__global__ void __launch_bounds__(kEpiThreads, (sizeof(acc_t) == 8 || !REG_TAPS) ? 1 : 2)
     head_epilogue_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ q, const acc_t* __restrict__ scale,
                          const acc_t* __restrict__ shift, scalar_t* __restrict__ out,
                          const __grid_constant__ HeadParams p) {
@@ -982,19 +984,20 @@ __global__ void __launch_bounds__(kDirectThreads)
   const int64_t H = p.H, W = p.W, S = p.S;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
-    const int64_t sidx = e % S;
-    int64_t r = e / S;
-    const int64_t t = r % 9;
-    r /= 9;
-    const int64_t c = r % p.O;
-    const int64_t n = r / p.O;
+    // div_nn: the 32-bit division whenever the operands fit (every realistic shape), 64-bit only beyond.
+    int64_t r = div_nn(e, S);
+    const int64_t sidx = e - r * S;
+    const int64_t r9 = div_nn(r, 9);
+    const int64_t t = r - r9 * 9;
+    const int64_t n = div_nn(r9, p.O);
+    const int64_t c = r9 - n * p.O;
     const int l = level_of(p.lv.offs, p.lv.num, sidx);
     const int64_t b = p.lv.bins[l];
     const int64_t si = sidx - p.lv.offs[l];
-    const int64_t i = si / b, j = si - (si / b) * b;
-    const int64_t dy = t / 3, dx = t % 3;
-    const acc_t sh = linear_scale<acc_t>(b, H, p.align);
-    const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+    const int64_t i = div_nn(si, b), j = si - i * b;
+    const int64_t dy = t / 3, dx = t - 3 * (t / 3);
+    const acc_t sh = level_scale<acc_t>(p, 0, l);
+    const acc_t sw = level_scale<acc_t>(p, 1, l);
     const int64_t ya = max(tap_bound<acc_t>(sh, i, b, H, p.align, false) + 1 - dy, int64_t{0});
     const int64_t yb = min(tap_bound<acc_t>(sh, i, b, H, p.align, true) + 1 - dy, H);
     const int64_t xa = max(tap_bound<acc_t>(sw, j, b, W, p.align, false) + 1 - dx, int64_t{0});
