@@ -62,35 +62,39 @@ def log(*a):
 
 
 def build_ppm_emulator():
-    """The PPM ops' emulator with the launch log: the units make_emu.py generates (one per csrc/cuda/ppm_* source),
-    copied with their op library renamed pspnet_emu_log, plus one unit registering emu_launch_log_defs, built into
-    one library (the test build is untouched). Its kernels sit in anonymous namespaces, so the log names them
-    "?+0x<offset>"; names() resolves those through the library's symbol table (nm)."""
+    """The PPM ops' emulator (make_emu.py + build.py, the test build: ppm_emu.so, op library pspnet_emu) and a small
+    library registering the launch log's ops (pspnet_emu_log). The log itself is the prelude's inline variable
+    g_launch_log, a unique global symbol (nm: 'u') that the dynamic linker binds to one object for the whole process,
+    so the small library reads what ppm_emu.so's launches wrote. The PPM kernels sit in anonymous namespaces: the log
+    names them "?+0x<offset>" and symbol_table() resolves those from ppm_emu.so (nm)."""
     import emu_common
     from torch.utils.cpp_extension import load
     import torch
 
-    r = subprocess.run([sys.executable, os.path.join(HERE, "cuda_emu", "make_emu.py")], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        raise RuntimeError("make_emu.py failed: " + r.stderr[-500:])
+    for script in ("make_emu.py", "build.py"):  # unchanged sources: nothing is recompiled
+        r = subprocess.run([sys.executable, os.path.join(HERE, "cuda_emu", script)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{script} failed: " + (r.stderr or r.stdout)[-500:])
+    P = emu_common.load_emu()
     d = os.path.join(emu_common.EMU_DIR, "variants")
     os.makedirs(d, exist_ok=True)
-    units = []
-    for src in open(emu_common.GEN_SOURCES_LIST).read().split():
-        s = open(src).read().replace("TORCH_LIBRARY_FRAGMENT(pspnet_emu, m)", "TORCH_LIBRARY_FRAGMENT(pspnet_emu_log, m)")
-        units.append((os.path.join(d, os.path.basename(src)), s))
-    units.append((os.path.join(d, "emu_log.cpp"), '#include <torch/library.h>\n#include "emu_prelude.h"\n'
-                  'TORCH_LIBRARY_FRAGMENT(pspnet_emu_log, m) {\n  emu_launch_log_defs(m);\n}\n'))
-    for path, text in units:
-        if not os.path.exists(path) or open(path).read() != text:
-            open(path, "w").write(text)
-    load(name="ppm_emu_log", sources=[p for p, _ in units],
-         extra_include_paths=[os.path.join(REPO, "csrc"), emu_common.HERE], extra_cflags=["-O2", "-pthread", "-w"],
-         extra_ldflags=["-pthread"], is_python_module=False, build_directory=d, verbose=False)
-    so = os.path.join(d, "ppm_emu_log.so")
-    torch.ops.load_library(so)
-    return torch.ops.pspnet_emu_log, so
+    src = os.path.join(d, "emu_log.cpp")
+    text = ('#include <torch/library.h>\n#include "emu_prelude.h"\n'
+            'TORCH_LIBRARY(pspnet_emu_log, m) {\n  emu_launch_log_defs(m);\n}\n')
+    if not os.path.exists(src) or open(src).read() != text:
+        open(src, "w").write(text)
+    load(name="emu_log", sources=[src], extra_include_paths=[os.path.join(REPO, "csrc"), emu_common.HERE],
+         extra_cflags=["-O2", "-pthread", "-w"], extra_ldflags=["-pthread"], is_python_module=False,
+         build_directory=d, verbose=False)
+    torch.ops.load_library(os.path.join(d, "emu_log.so"))
+
+    class Ops:  # the PPM ops, with the log ops beside them
+        def __getattr__(self, name):
+            if name.startswith("emu_launch_log"):
+                return getattr(torch.ops.pspnet_emu_log, name)
+            return getattr(P, name)
+
+    return Ops(), emu_common.EMU_SO
 
 
 def symbol_table(so):
@@ -184,7 +188,7 @@ def run(shapes, dtype, layouts, sass):
                     ("upsample_concat_backward", lambda: P.upsample_concat_backward(out, c, list(BINS), True)),
                     ("pyramid_pool_backward", lambda: P.pyramid_pool_backward(pooled, out, list(BINS), 0)),
                 ]
-                if hasattr(P, "ppm_forward"):
+                if hasattr(torch.ops.pspnet_emu, "ppm_forward"):
                     full["ppm_forward"] = N * C * H * W * es + N * (C + L * R) * H * W * es
                     calls.append(("ppm_forward", lambda: P.ppm_forward(x, w, sc, sh, list(BINS), True, True)))
             o = 32
@@ -252,6 +256,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--sass", metavar="JSON", help="sass_report.py --json output: registers and loop widths")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--from-json", metavar="FILE", help="re-render a saved --json run (e.g. with a new --sass)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -263,7 +268,15 @@ def main(argv=None):
         for r in json.load(open(a.sass)):
             if r.get("arch") == "sm_90":
                 sass[r["kernel"]] = r
-    rows = run(shapes, getattr(torch, a.dtype), a.layout or ["nchw", "channels_last"], sass)
+    if a.from_json:
+        rows = json.load(open(a.from_json))["rows"]
+        for r in rows:
+            for k in r["launches"]:
+                s = sass.get(k["kernel"]) if sass else None
+                if s:
+                    k.update(regs=s.get("regs"), ldg_loop=s.get("ldg_loop"), stg_loop=s.get("stg_loop"))
+    else:
+        rows = run(shapes, getattr(torch, a.dtype), a.layout or ["nchw", "channels_last"], sass)
     print(markdown(rows))
     if a.json:
         with open(a.json, "w") as f:

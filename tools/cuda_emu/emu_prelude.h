@@ -33,6 +33,7 @@ inline std::barrier<>* g_bar = nullptr;
 inline unsigned char* g_dyn_smem = nullptr;
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+inline double __drcp_rn(double x) { return 1.0 / x; }
 #define __global__
 #define __device__
 #define __host__
