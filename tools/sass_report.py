@@ -378,6 +378,9 @@ def main(argv=None):
     paths = a.paths or default_paths()
     if not paths:
         sys.exit("no extension found: build it (pspnet_fast/_C*.so) or give a .so / .cubin path")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        sys.exit(f"sass_report: no such file: {', '.join(missing)}")
     try:
         rows = report(paths, a.arch or ["sm_90"], a.kernel, a.tools, not a.no_download, a.ptxas_log)
     except FileNotFoundError as e:
