@@ -975,22 +975,6 @@ __global__ void __launch_bounds__(kHeadThreads)
   }
 }
 
-// a / b (remainder in rem) for 0 <= a < 2^53, b >= 1, inline: a double reciprocal, then an exact integer correction.
-__device__ __forceinline__ int64_t div_rcp(int64_t a, int64_t b, int64_t& rem) {
-  int64_t q = static_cast<int64_t>(static_cast<double>(a) * __drcp_rn(static_cast<double>(b)));
-  int64_t r = a - q * b;
-  while (r < 0) {
-    --q;
-    r += b;
-  }
-  while (r >= b) {
-    ++q;
-    r -= b;
-  }
-  rem = r;
-  return q;
-}
-
 // Fallback: one thread per output element (n, c, t, s), grad read from global memory; rows and columns reaching
 // (i, j) found by binary search; the sum runs row by row (a row's columns first), a fixed order.
 template <typename scalar_t, typename acc_t>
@@ -1000,15 +984,17 @@ __global__ void __launch_bounds__(kDirectThreads)
   const int64_t H = p.H, W = p.W, S = p.S;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
-    // div_rcp: no call to the 64-bit division subroutine (a call saves live registers to the stack: spills).
-    int64_t sidx, t, c, j;
-    const int64_t r = div_rcp(e, S, sidx);
-    const int64_t r9 = div_rcp(r, 9, t);
-    const int64_t n = div_rcp(r9, p.O, c);
+    // div_nn: the 32-bit division whenever the operands fit (every realistic shape), 64-bit only beyond.
+    int64_t r = div_nn(e, S);
+    const int64_t sidx = e - r * S;
+    const int64_t r9 = div_nn(r, 9);
+    const int64_t t = r - r9 * 9;
+    const int64_t n = div_nn(r9, p.O);
+    const int64_t c = r9 - n * p.O;
     const int l = level_of(p.lv.offs, p.lv.num, sidx);
     const int64_t b = p.lv.bins[l];
     const int64_t si = sidx - p.lv.offs[l];
-    const int64_t i = div_rcp(si, b, j);
+    const int64_t i = div_nn(si, b), j = si - i * b;
     const int64_t dy = t / 3, dx = t - 3 * (t / 3);
     const acc_t sh = level_scale<acc_t>(p, 0, l);
     const acc_t sw = level_scale<acc_t>(p, 1, l);
