@@ -225,7 +225,7 @@ def warps_per_sm(regs):
 
 
 def fmt_widths(d):
-    return " ".join(f"{w}:{d[w]}" for w in sorted(d) if d[w]) or "-"
+    return " ".join(f"{w}:{d[w]}" for w in sorted(d, key=int) if d[w]) or "-"  # JSON keys are strings
 
 
 def analyse(kernel, info, res):
