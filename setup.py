@@ -50,7 +50,9 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/cuda/*.cpp: host code of the CUDA backend (e.g. ppm_reduce's cuBLAS call), compiled only with the .cu files.
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
     if _flag("PSPNET_FAST_SKIP_CUDA"):
         with_cuda, why = False, "PSPNET_FAST_SKIP_CUDA=1"

@@ -5,8 +5,9 @@
 1. correctness: torch.ops.pspnet_fast.head_epilogue / head_context_backward on CUDA against pspnet_fast.reference in
    float64 on the CPU, over small shapes (bins, sizes, align_corners, scale/shift, relu, dtypes, layouts, NaN in z);
 2. determinism: head_context_backward bitwise equal over repeated runs at the benchmark shape;
-3. timing at N=8, O=512, H=W=90, bins (1, 2, 3, 6), bfloat16, NCHW and channels_last: median of CUDA-event timings
-   with the bytes each op must move and the resulting GB/s, next to the reference on the same GPU.
+3. timing at N=8, O=512, 90x90 and 64x128, bins (1, 2, 3, 6), bfloat16, NCHW and channels_last: median of CUDA-event
+   timings with the bytes each op must move and the resulting GB/s, next to the reference on the same GPU (about 20 s
+   in all: gpu_check.sh gives this script 45 s).
 Exit status 1 when a comparison fails.
 """
 import os
@@ -29,7 +30,7 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-12, 1e-12), torch.float16
        torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def check(bins, H, W, align, N, O, dtype, cl, affine, relu, nan=False):
+def check(bins, H, W, align, N, O, dtype, cl, affine, relu, nan=False, misaligned=False):
     global fails
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     S = sum(b * b for b in bins)
@@ -41,6 +42,9 @@ def check(bins, H, W, align, N, O, dtype, cl, affine, relu, nan=False):
     sh = torch.randn(O, dtype=acc) if affine else None
     mf = torch.channels_last if cl else torch.contiguous_format
     zd = z.to(dev).contiguous(memory_format=mf)
+    if misaligned:  # one element past a 16-byte boundary: the kernels' unaligned paths
+        flat = torch.empty(zd.numel() + 1, device=dev, dtype=dtype)
+        zd = flat[1:].view(zd.shape).copy_(zd)
     got = ops.head_epilogue(zd, q.to(dev), list(bins), align, None if sc is None else sc.to(dev),
                             None if sh is None else sh.to(dev), relu).cpu()
     want = ref.head_epilogue(z.double(), q.double(), bins, align, None if sc is None else sc.double(),
@@ -70,6 +74,14 @@ for bins in [(1, 2, 3, 6), (1, 3, 6, 8), (2,), tuple(range(1, 17))]:
             cases += 1
 check((1, 2), 2, 70000, True, 1, 1, torch.float32, False, True, True)  # very large W: fallback paths
 cases += 1
+# Issue 12 shapes at small O: 8100-element planes (every other one 8 bytes off 16), channels_last 16-byte pixel
+# runs (O = 16) and not (O = 5), misaligned z, W = 9000.
+for H, W, O, cl, mis in [(90, 90, 5, False, False), (90, 90, 16, True, False), (90, 90, 5, True, False),
+                         (64, 128, 3, False, True), (90, 90, 7, False, True), (2, 9000, 3, False, False),
+                         (1, 9000, 8, True, False)]:
+    for dtype in (torch.bfloat16, torch.float32):
+        check((1, 2, 3, 6), H, W, True, 2, O, dtype, cl, True, True, misaligned=mis)
+        cases += 1
 print(f"correctness: {cases} cases, {fails} failures", flush=True)
 
 
@@ -89,9 +101,9 @@ def bench(fn, reps=50):
     return ts[len(ts) // 2], ts[len(ts) // 10], ts[(9 * len(ts)) // 10]
 
 
-N, O, H, W, bins = 8, 512, 90, 90, (1, 2, 3, 6)
+N, O, bins = 8, 512, (1, 2, 3, 6)
 S = sum(b * b for b in bins)
-for cl in (False, True):
+for (H, W), cl in [(hw, c) for hw in [(90, 90), (64, 128)] for c in (False, True)]:
     mf = torch.channels_last if cl else torch.contiguous_format
     z = torch.randn(N, O, H, W, device=dev, dtype=torch.bfloat16).contiguous(memory_format=mf)
     q = torch.randn(N, O, 9, S, device=dev)
@@ -112,8 +124,8 @@ for cl in (False, True):
         ("head_context_backward reference", lambda: ref.head_context_backward(g, bins, True), by_bwd),
     ]
     for name, fn, by in rows:
-        med, lo, hi = bench(fn, 20 if "reference" in name else 100)
-        print(f"{'channels_last' if cl else 'nchw':13s} {name:32s} median {med:9.1f} us  (p10 {lo:.1f}, p90 {hi:.1f})"
+        med, lo, hi = bench(fn, 10 if "reference" in name else 50)
+        print(f"{H}x{W} {'channels_last' if cl else 'nchw':13s} {name:32s} median {med:9.1f} us  (p10 {lo:.1f}, p90 {hi:.1f})"
               f"  {by / med / 1e3:7.1f} GB/s of {by / 1e6:.1f} MB", flush=True)
 print(f"done: {fails} failures")
 sys.exit(1 if fails else 0)

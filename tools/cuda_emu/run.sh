@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the CPU emulator of the CUDA kernels: generate ppm_emu.cpp from csrc/cuda/ppm_cuda.cu, build it,
+# One command for the CPU emulator of the CUDA kernels: generate one unit per csrc/cuda/ppm_* source, build them,
 # run the four test scripts (test_emu_head.py generates and builds its own library).
 # Usage: tools/cuda_emu/run.sh [quick|full]   (default quick)
 # Generated files and the build go to $PSPNET_FAST_EMU_DIR (default: a per-checkout folder under the system temp dir).

@@ -10,73 +10,13 @@ Run: tools/cuda_emu/test_emu_head.py [--quick]   (Python with torch; no GPU, no 
 import os, re, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from emu_common import EMU_DIR, HERE, OPS_SOURCE, QUICK, REPO
+from emu_common import QUICK, REPO
 
-HEAD_SOURCE = os.path.join(REPO, "csrc", "cuda", "head_cuda.cu")
-GEN = os.path.join(EMU_DIR, "head_emu.cpp")
-BUILD = os.path.join(EMU_DIR, "build_head")
+from head_emu import load_head_emu
 
-
-def generate():
-    s = open(HEAD_SOURCE).read()
-    s = s.replace('#define TORCH_ASSERT_ONLY_METHOD_OPERATORS\n', '')
-    hdr = '#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n'
-    assert hdr in s
-    s = s.replace(hdr, '#include "emu_prelude.h"\ninline long long g_head_optin = 227 * 1024;\n')
-    q = 'C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));'
-    assert q in s
-    s = s.replace(q, 'v = static_cast<int>(g_head_optin);')
-    s = s.replace('extern __shared__ __align__(16) unsigned char smem[];', 'unsigned char* smem = g_dyn_smem;')
-    s = s.replace('is_cuda()', 'is_cpu()')  # the ops' device checks: the emulated ops take CPU tensors
-    out, i = [], 0
-    while True:
-        j = s.find('<<<', i)
-        if j < 0:
-            out.append(s[i:])
-            break
-        k, depth = j, 0
-        while k > 0:
-            c = s[k - 1]
-            if c == '>':
-                depth += 1
-            elif c == '<':
-                depth -= 1
-            if depth == 0 and c in ' \n\t;{}':
-                break
-            k -= 1
-        e = s.find('>>>(', j)
-        assert s[k:j].strip(), "a launch whose kernel expression the rewrite cannot find"
-        out += [s[i:k], 'emu_launch(' + s[k:j] + ', ' + s[j + 3:e] + ', ']
-        i = e + 4
-    s = ''.join(out)
-    t = s.index('TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m)')
-    impls = re.findall(r'm\.impl\("(\w+)", &([\w:]+)\);', s[t:])
-    # A schema may continue in a second string literal on the next line (head_epilogue's does).
-    defs_ = [a + b for a, b in re.findall(r'm\.def\("([^"]+)"(?:\s*"([^"]*)")?', open(OPS_SOURCE).read())]
-    schemas = dict((re.match(r'(\w+)\(', d).group(1), d) for d in defs_)
-    defs = ''.join(f'  m.def("{schemas[name]}", &{fn});\n' for name, fn in impls)
-    s = s[:t] + 'TORCH_LIBRARY(pspnet_head_emu, m) {\n' + defs + \
-        '  m.def("emu_stats() -> int[]", []() { return std::vector<int64_t>{g_launches, g_max_smem_seen}; });\n' + \
-        '  m.def("emu_reset() -> ()", []() { g_launches = 0; g_max_smem_seen = 0; });\n' + \
-        '  m.def("emu_set_optin(int v) -> ()", [](int64_t v) { g_head_optin = v; });\n}\n'
-    os.makedirs(EMU_DIR, exist_ok=True)
-    if not os.path.exists(GEN) or open(GEN).read() != s:
-        open(GEN, 'w').write(s)
-    return [n for n, _ in impls]
-
-
-print("emulated ops:", generate(), flush=True)
+E = load_head_emu()
 import torch
-from torch.utils.cpp_extension import load
 
-os.makedirs(BUILD, exist_ok=True)
-t0 = time.time()
-load(name="head_emu", sources=[GEN], extra_include_paths=[os.path.join(REPO, "csrc"), HERE],
-     extra_cflags=["-O2", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"],
-     extra_ldflags=["-pthread"], is_python_module=False, build_directory=BUILD, verbose=False)
-print(f"build {time.time() - t0:.0f}s", flush=True)
-torch.ops.load_library(os.path.join(BUILD, "head_emu.so"))
-E = torch.ops.pspnet_head_emu
 sys.path.insert(0, REPO)
 from pspnet_fast import reference as ref
 
@@ -103,6 +43,11 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-12, 1e-12), torch.float16
 def layout_of(t, layout):
     if layout == "cl":
         return t.contiguous(memory_format=torch.channels_last)
+    if layout == "misaligned":  # contiguous, one element past a 16-byte boundary (z and out differ modulo 16)
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        v = flat[1:].view(t.shape)
+        v.copy_(t)
+        return v
     if layout == "strided":
         big = torch.empty(*t.shape[:3], t.shape[3] * 2, dtype=t.dtype)
         big[..., ::2] = t
@@ -235,6 +180,35 @@ run_case((1, 2), 1, 60000, False, 1, 1, torch.float32, "nchw", False, False)  # 
 print("large W 60000 (backward direct): max smem", smem_seen(), flush=True)
 run_case(tuple(range(1, 17)), 5, 6, True, 1, 2, torch.float32, "nchw", True, True)  # 16 levels (LMAX 16 kernel)
 run_case((1, 2, 3, 6, 8), 4, 3, False, 1, 3, torch.float64, "cl", True, False)  # 5 levels
+# Issue 12 shapes at small O: 90x90 bfloat16 (8100-element planes, so every other plane starts 8 bytes past a 16-byte
+# boundary: the peeled heads and tails), odd O, 64x128, channels_last with 16-byte pixel runs (O = 16: 32 bytes a
+# pixel) and without (O = 5), a misaligned z, W = 9000; more items than the emulated grid's 8 persistent blocks. The
+# launch log must name the variant each layout takes.
+def variant_of(log, prefix):
+    return [ln for ln in log if ln.startswith(prefix)]
+
+
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6), 90, 90, True, 2, 5, torch.bfloat16, "nchw", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, true> grid=8,1,1 block=360,"):
+    fail("90x90 bf16 NCHW: expected the register-tap kernel, 8 blocks of 360 threads, got", E.emu_launch_log())
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6), 90, 90, False, 1, 16, torch.bfloat16, "cl", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, true> grid=1,1,1 block=384,"):
+    fail("90x90 bf16 channels_last: expected the register-tap kernel, one 16-channel chunk, got", E.emu_launch_log())
+E.emu_launch_log_clear()
+run_case((1, 2, 3, 6, 8), 9, 10, True, 1, 16, torch.bfloat16, "cl", True, True, check_det=False)
+if not variant_of(E.emu_launch_log(), "head_epilogue_kernel<BFloat16, float, false>"):
+    fail("5 levels: expected the table kernel, got", E.emu_launch_log())
+run_case((1, 2, 3, 6), 64, 128, True, 1, 3, torch.bfloat16, "nchw", True, True, check_det=False)
+run_case((1, 2, 3, 6), 64, 128, False, 1, 8, torch.bfloat16, "cl", False, True, check_det=False)
+run_case((1, 2, 3, 6), 9, 90, True, 3, 5, torch.float16, "cl", True, False)
+run_case((1, 2, 3, 6), 9, 90, False, 2, 7, torch.bfloat16, "misaligned", True, True)
+run_case((1, 2, 3, 6), 7, 9, True, 2, 33, torch.float32, "misaligned", True, False)
+run_case((1, 2, 3, 6), 2, 9000, True, 1, 3, torch.bfloat16, "nchw", True, True, check_det=False)
+run_case((1, 2, 3, 6), 1, 9000, False, 1, 8, torch.bfloat16, "cl", True, True, check_det=False)
+print("issue 12 shapes:", ncases, "cases so far,", fails, "failures", flush=True)
+
 E.emu_set_optin(6000)
 E.emu_reset()
 run_case((1, 2, 3, 6), 60, 3, True, 1, 2, torch.float32, "nchw", True, True)  # several row bands

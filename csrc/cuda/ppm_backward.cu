@@ -1,0 +1,820 @@
+// The adjoints on CUDA, deterministic (every output is a fixed-order sum by its one owner thread, no atomics):
+//   upsample_concat_backward  grad_out (N, C + L*R, H, W) -> grad_levels (N, R, S)  one launch, separable gather
+//   pyramid_pool_backward     grad_pooled (N, C, S), grad_out -> grad_x (N, C, H, W)  one launch, per-element gather
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "op_checks.h"
+#include "ppm_math.h"
+
+namespace pspnet_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr int kTileBytes = 16 * 1024;  // NCHW: bytes of grad_out staged in shared memory per step
+
+// ------------------------------------------------------------------------------------------------------------------
+// upsample_concat_backward
+// ------------------------------------------------------------------------------------------------------------------
+//
+// grad_levels[n, r, off_l + i*b + j] = sum_{h,w} Ah[h,i] Aw[w,j] g[n, C + l*R + r, h, w], Ah/Aw the bilinear
+// resampling matrices (interp_matrix in pspnet_fast/ops.py), computed separably by owners, never by atomics:
+//   T[h][j] = sum over the columns w whose taps reach j of Aw[w,j] g[h,w]    (owner: one thread per (h, j))
+//   G[i][j] = sum over the rows h whose taps reach i of Ah[h,i] T[h][j]      (owner: one thread per (i, j))
+// The rows whose taps reach bin i form one range [lo_i, hi_i) (taps are monotone in h), found per block by binary
+// search, so each owner loops over its rows only. T covers a band of rows at a time; G of a bin whose rows span
+// several bands is assigned by the first band and added to by the next ones, in band order (fixed, barrier-ordered).
+
+constexpr int kUbThreads = 256;
+constexpr int64_t kUbClTBytes = 32 * 1024;  // channels_last: shared memory for a band of T
+
+struct UpBwdParams {
+  LevelTable lv;
+  int64_t C, H, W, R, Ctot, S;
+  bool align;
+  int64_t rblocks;     // blocks per (n, level): ceil(R / P)
+  int P;               // level channels per block (NCHW: planes; channels_last: channels across threads)
+  int TH, TW;          // rows of T per band; NCHW: columns of a staged tile (TW < W only when TH == 1)
+  int off_t, off_tab;  // dynamic shared memory byte offsets of T and of the range tables (the NCHW tile sits at 0)
+};
+
+// tab[0..b) = lo, tab[b..2b) = hi of each row bin over H; tab[2b..3b), tab[3b..4b) the same for columns over W.
+template <typename acc_t>
+__device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int64_t b, int* tab, int tid, int nt) {
+  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
+  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
+  for (int64_t k = tid; k < 4 * b; k += nt) {
+    const int64_t q = div_nn(k, b);
+    const bool col = q >= 2;
+    tab[k] = tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0);
+  }
+}
+
+// First k in [0, n) with a[k] > v (a non-decreasing); n if none.
+__device__ __forceinline__ int first_above(const int* a, int n, int64_t v) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (a[mid] > v) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// NCHW: grad_out (N, Ctot, H, W) contiguous. One block per (n, level, P consecutive level channels): P planes of
+// one level, consecutive in memory. The block streams them through shared memory in tiles contiguous in grad_out
+// (whole planes, a band of whole rows, or a piece of one row; as pool_nchw_kernel), each read once with 16-byte
+// loads. Per tile, T[p][h][j] (+)= the tile's part of column bin j's sum (first tile of j assigns); per band,
+// G[p][i][j] (+)= the band's part of row bin i's sum, in global memory (first band of i assigns).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kUbThreads)
+    up_bwd_nchw_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
+  acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);  // T[(pp * TH + hl) * b + j]
+  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
+
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int L = p.lv.num;
+  const int64_t bid = blockIdx.x;
+  const int64_t nl = div_nn(bid, p.rblocks);
+  const int64_t r0 = (bid - nl * p.rblocks) * p.P;
+  const int64_t n = div_nn(nl, L);
+  const int l = static_cast<int>(nl - n * L);
+  const int np = static_cast<int>(min(static_cast<int64_t>(p.P), p.R - r0));
+  const int b = static_cast<int>(p.lv.bins[l]);
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
+  const int TH = p.TH;
+  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
+  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
+  tap_ranges<acc_t>(p, b, tab, tid, nt);
+  const int* rlo = tab;
+  const int* rhi = tab + b;
+  const int* clo = tab + 2 * b;
+  const int* chi = tab + 3 * b;
+  __syncthreads();
+
+  acc_t* o = out + (n * p.R + r0) * p.S + p.lv.offs[l];  // plane pp's bins at o[pp * S + i * b + j]
+  const int64_t bb = static_cast<int64_t>(b) * b;
+  // Bins no tap reaches (b > H or b > W) get a zero gradient: whole rows of G here, columns through T's zeros
+  // (phase 1 never writes an empty column bin).
+  for (int64_t it = tid; it < np * bb; it += nt) {
+    const int64_t pp = div_nn(it, bb);
+    const int64_t k = it - pp * bb;
+    const int64_t i = div_nn(k, b);
+    if (rlo[i] >= rhi[i]) o[pp * p.S + k] = 0;
+  }
+  for (int64_t it = tid; it < static_cast<int64_t>(np) * TH * b; it += nt) {
+    const int64_t j = it - div_nn(it, b) * b;
+    if (clo[j] >= chi[j]) T[it] = 0;
+  }
+
+  const scalar_t* gp = g + (n * p.Ctot + p.C + l * p.R + r0) * p.H * p.W;
+  for (int h0 = 0; h0 < H; h0 += TH) {
+    const int th = min(TH, H - h0);
+    for (int w0 = 0; w0 < W; w0 += p.TW) {
+      const int tw = min(p.TW, W - w0);
+      __syncthreads();  // zeros and tables written; the previous step is done with tile and T
+      stage_contiguous(gp + static_cast<int64_t>(h0) * W + w0, tile, np * th * tw, tid, nt);
+      __syncthreads();
+      // Phase 1: items (plane, row, column bin reaching this tile), column bin fastest.
+      const int j0 = first_above(chi, b, w0);
+      const int nj = first_above(clo, b, w0 + tw - 1) - j0;
+      for (int64_t it = tid; it < static_cast<int64_t>(np) * th * nj; it += nt) {
+        const int64_t pr = div_nn(it, nj);  // pp * th + hl
+        const int j = j0 + static_cast<int>(it - pr * nj);
+        const int wa = max(clo[j], w0), wb = min(chi[j], w0 + tw);
+        if (wa >= wb) continue;  // an empty column bin
+        const scalar_t* row = tile + pr * tw;  // column w at row[w - w0]
+        acc_t s = 0;
+        for (int w = wa; w < wb; ++w) {
+          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * static_cast<acc_t>(row[w - w0]);
+        }
+        const int64_t pp = div_nn(pr, th);
+        acc_t* d = T + (pp * TH + (pr - pp * th)) * b + j;
+        *d = clo[j] >= w0 ? s : *d + s;  // the first tile of this column bin assigns, later ones add
+      }
+    }
+    __syncthreads();
+    // Phase 2: items (plane, row bin reaching this band, column bin), column bin fastest.
+    const int i0 = first_above(rhi, b, h0);
+    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int64_t it = tid; it < np * ni * b; it += nt) {
+      const int64_t q = div_nn(it, b);
+      const int j = static_cast<int>(it - q * b);
+      const int64_t pp = div_nn(q, ni);
+      const int i = i0 + static_cast<int>(q - pp * ni);
+      const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
+      if (ha >= hb) continue;  // an empty row bin, zeroed above
+      const acc_t* t = T + pp * TH * b + j;  // row h at t[(h - h0) * b]
+      acc_t s = 0;
+      for (int h = ha; h < hb; ++h) {
+        s += tap_weight<acc_t>(sh, h, i, b, p.H, p.align) * t[static_cast<int64_t>(h - h0) * b];
+      }
+      acc_t* d = o + pp * p.S + static_cast<int64_t>(i) * b + j;
+      *d = rlo[i] >= h0 ? s : *d + s;  // the first band of this row bin assigns, later ones add (barrier-ordered)
+    }
+  }
+}
+
+// channels_last: grad_out (N, H, W, Ctot) in memory. One block per (n, level, chunk of tc = P level channels);
+// thread (group, c) with c fastest, so every load of a pixel's tc channels is one coalesced run. Per band of TH
+// rows, the groups take the (row, column bin) items of T round robin and read grad_out directly (a column bin's
+// columns are contiguous pixels; only the one or two columns shared with a neighbour bin are read twice), then the
+// (row bin, column bin) items of G. T[(hl * b + j) * tc + c] in shared memory.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kUbThreads)
+    up_bwd_cl_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);
+  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
+
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int tc = p.P;
+  const int cl = tid % tc;
+  const int grp = tid / tc;
+  const int groups = nt / tc;
+  const int L = p.lv.num;
+  const int64_t bid = blockIdx.x;
+  const int64_t nl = div_nn(bid, p.rblocks);
+  const int64_t r = (bid - nl * p.rblocks) * tc + cl;
+  const bool valid = r < p.R;
+  const int64_t n = div_nn(nl, L);
+  const int l = static_cast<int>(nl - n * L);
+  const int b = static_cast<int>(p.lv.bins[l]);
+  const int H = static_cast<int>(p.H);
+  const int TH = p.TH;
+  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
+  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
+  tap_ranges<acc_t>(p, b, tab, tid, nt);
+  const int* rlo = tab;
+  const int* rhi = tab + b;
+  const int* clo = tab + 2 * b;
+  const int* chi = tab + 3 * b;
+  __syncthreads();
+
+  acc_t* o = out + (n * p.R + r) * p.S + p.lv.offs[l];  // only dereferenced when valid
+  const int64_t bb = static_cast<int64_t>(b) * b;
+  if (valid) {
+    for (int64_t k = grp; k < bb; k += groups) {
+      const int64_t i = div_nn(k, b);
+      if (rlo[i] >= rhi[i]) o[k] = 0;
+    }
+  }
+  for (int64_t it = tid; it < static_cast<int64_t>(TH) * b * tc; it += nt) {
+    const int64_t e = div_nn(it, tc);
+    const int64_t j = e - div_nn(e, b) * b;
+    if (clo[j] >= chi[j]) T[it] = 0;
+  }
+
+  const int64_t Ctot = p.Ctot;
+  const scalar_t* gn = g + n * p.H * p.W * Ctot + p.C + l * p.R + r;  // pixel (h, w) at gn[(h * W + w) * Ctot]
+  for (int h0 = 0; h0 < H; h0 += TH) {
+    const int th = min(TH, H - h0);
+    __syncthreads();  // zeros and tables written; the previous band's phase 2 is done with T
+    for (int64_t it = grp; it < static_cast<int64_t>(th) * b; it += groups) {
+      const int64_t hl = div_nn(it, b);
+      const int j = static_cast<int>(it - hl * b);
+      const int wa = clo[j], wb = chi[j];
+      if (wa >= wb) continue;  // an empty column bin
+      acc_t s = 0;
+      if (valid) {
+        const scalar_t* q = gn + ((h0 + hl) * p.W + wa) * Ctot;
+        int w = wa;
+        // Four independent loads in flight before their multiply-adds.
+        for (; w + 4 <= wb; w += 4) {
+          const acc_t v0 = static_cast<acc_t>(q[0]);
+          const acc_t v1 = static_cast<acc_t>(q[Ctot]);
+          const acc_t v2 = static_cast<acc_t>(q[2 * Ctot]);
+          const acc_t v3 = static_cast<acc_t>(q[3 * Ctot]);
+          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * v0;
+          s += tap_weight<acc_t>(sw, w + 1, j, b, p.W, p.align) * v1;
+          s += tap_weight<acc_t>(sw, w + 2, j, b, p.W, p.align) * v2;
+          s += tap_weight<acc_t>(sw, w + 3, j, b, p.W, p.align) * v3;
+          q += 4 * Ctot;
+        }
+        for (; w < wb; ++w) {
+          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * static_cast<acc_t>(q[0]);
+          q += Ctot;
+        }
+      }
+      T[it * tc + cl] = s;
+    }
+    __syncthreads();
+    const int i0 = first_above(rhi, b, h0);
+    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int64_t it = grp; it < ni * b; it += groups) {
+      const int64_t q = div_nn(it, b);
+      const int j = static_cast<int>(it - q * b);
+      const int i = i0 + static_cast<int>(q);
+      const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
+      if (ha >= hb) continue;  // an empty row bin, zeroed above
+      const acc_t* t = T + static_cast<int64_t>(j) * tc + cl;  // row h at t[(h - h0) * b * tc]
+      acc_t s = 0;
+      for (int h = ha; h < hb; ++h) {
+        s += tap_weight<acc_t>(sh, h, i, b, p.H, p.align) * t[static_cast<int64_t>(h - h0) * b * tc];
+      }
+      if (valid) {
+        acc_t* d = o + static_cast<int64_t>(i) * b + j;
+        *d = rlo[i] >= h0 ? s : *d + s;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_t N) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const char* op = "upsample_concat_backward";
+  const int64_t esz = sizeof(scalar_t), asz = sizeof(acc_t);
+  const int64_t L = p.lv.num;
+  int64_t maxb = 1;
+  for (int l = 0; l < p.lv.num; ++l) maxb = std::max(maxb, p.lv.bins[l]);
+  const int64_t tab_b = align16(4 * maxb * 4);
+  const int64_t optin = smem_optin();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t smem = 0;
+  if (!cl) {
+    const int64_t E = kTileBytes / esz;  // tile elements
+    const int64_t TW = std::min<int64_t>(p.W, E);
+    int64_t TH = TW == p.W ? std::min<int64_t>(p.H, E / p.W) : 1;
+    // Several planes per block only when whole planes fit a tile; keep about a thousand blocks or more.
+    int64_t P = (TH == p.H && TW == p.W) ? std::max<int64_t>(1, E / (p.H * p.W)) : 1;
+    P = std::min(P, p.R);
+    P = std::min<int64_t>(P, std::max<int64_t>(1, ceil_div(N * L * p.R, 1024)));
+    auto layout = [&](int64_t planes, int64_t rows) {
+      const int64_t tile_b = align16(planes * rows * TW * esz);
+      const int64_t t_b = align16(planes * rows * maxb * asz);
+      p.off_t = static_cast<int>(std::min<int64_t>(tile_b, INT32_MAX));
+      p.off_tab = static_cast<int>(std::min<int64_t>(tile_b + t_b, INT32_MAX));
+      return tile_b + t_b + tab_b;
+    };
+    smem = layout(P, TH);
+    while (smem > kDefaultSmem && P > 1) smem = layout(--P, TH);
+    while (smem > kDefaultSmem && TH > 1) smem = layout(P, TH = (TH + 1) / 2);
+    TORCH_CHECK(smem <= optin, op, ": bins up to ", maxb, " need ", smem,
+                " bytes of shared memory per block, the device allows ", optin, " (use smaller bins)");
+    p.P = static_cast<int>(P);
+    p.TH = static_cast<int>(TH);
+    p.TW = static_cast<int>(TW);
+  } else {
+    int64_t tc = 1;
+    while (tc < p.R && tc < 32) tc *= 2;
+    // Fewer channels per block when there would be too few blocks, down to one 32-byte sector per pixel.
+    const int64_t sms = sm_count();
+    while (tc * esz > 32 && N * L * ceil_div(p.R, tc) < 2 * sms) tc /= 2;
+    auto rows_for = [&](int64_t t) {
+      return std::max<int64_t>(1, std::min<int64_t>(p.H, kUbClTBytes / (maxb * t * asz)));
+    };
+    auto layout = [&](int64_t t, int64_t rows) {
+      const int64_t t_b = align16(rows * maxb * t * asz);
+      p.off_t = 0;
+      p.off_tab = static_cast<int>(std::min<int64_t>(t_b, INT32_MAX));
+      return t_b + tab_b;
+    };
+    smem = layout(tc, rows_for(tc));
+    while (smem > kDefaultSmem && tc > 1) {
+      tc /= 2;
+      smem = layout(tc, rows_for(tc));
+    }
+    TORCH_CHECK(smem <= optin, op, ": bins up to ", maxb, " need ", smem,
+                " bytes of shared memory per block, the device allows ", optin, " (use smaller bins)");
+    p.P = static_cast<int>(tc);
+    p.TH = static_cast<int>(rows_for(tc));
+    p.TW = static_cast<int>(p.W);
+  }
+  p.rblocks = ceil_div(p.R, p.P);
+  const int64_t blocks = N * L * p.rblocks;
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": N * levels * R = ", N * L * p.R, " is too large for one launch");
+  auto kernel = cl ? up_bwd_cl_kernel<scalar_t, acc_t> : up_bwd_nchw_kernel<scalar_t, acc_t>;
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), kUbThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
+                                                                     out.mutable_data_ptr<acc_t>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
+                                     bool align_corners, bool x_last) {
+  checks::upsample_concat_backward(grad_in, in_channels, bins);
+  const char* op = "upsample_concat_backward";
+  TORCH_CHECK(!x_last, op, ": x_last=True is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
+  check_x(op, grad_in, "grad_out");
+  const LevelTable lv = make_levels(op, bins);
+  const int64_t N = grad_in.size(0), Ctot = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
+  const int64_t L = lv.num;
+  TORCH_CHECK(in_channels >= 0 && in_channels < Ctot, op, ": expected 0 <= in_channels < grad_out.size(1) = ", Ctot,
+              ", got in_channels = ", in_channels);
+  TORCH_CHECK((Ctot - in_channels) % L == 0, op, ": grad_out has ", Ctot - in_channels,
+              " level channels after in_channels = ", in_channels, ", not a multiple of the ", L, " levels of bins ",
+              bins);
+  const int64_t R = (Ctot - in_channels) / L;  // >= 1
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const auto out_type = grad_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({N, R, lv.offs[lv.num]}, grad_in.options().dtype(out_type));
+  if (N == 0) return out;
+  const bool cl = use_channels_last(grad_in);
+  const Tensor g = cl ? grad_in : grad_in.contiguous();
+
+  UpBwdParams p{};
+  p.lv = lv;
+  p.C = in_channels;
+  p.H = H;
+  p.W = W;
+  p.R = R;
+  p.Ctot = Ctot;
+  p.S = lv.offs[lv.num];
+  p.align = align_corners;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cuda",
+                                  [&] { launch_up_bwd<scalar_t>(g, out, p, cl, N); });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// pyramid_pool_backward
+// ------------------------------------------------------------------------------------------------------------------
+//
+// grad_x[n,c,h,w] = grad_out[n,c,h,w] + sum over levels, row bins i containing h and column bins j containing w of
+// grad_pooled[n,c,off_l + i*b + j] / kh_i / kw_j: a gather, every output element computed by one thread. A block
+// first stages its planes' (channels') grad_pooled, divided by the bin sizes, in shared memory (q), and tables of the
+// bins containing each column and each of its rows (per level, first | last << 16); elements then take a few
+// shared-memory reads each. Where q or the tables would not fit, a GENERIC kernel (one element per thread) computes
+// them per use instead.
+
+constexpr int kPbThreads = 256;
+constexpr int64_t kPbChunk = 4096;  // output elements per block
+
+struct PoolBwdParams {
+  LevelTable lv;
+  int64_t planes, C, C2, H, W, S;
+  bool gp_double;  // grad_pooled is float64 (else float32); converted to acc_t on load
+  bool stage_q;    // q in shared memory
+  bool tabs;       // bin tables in shared memory
+  int P;           // NCHW: planes per block (chunks == 1 when P > 1)
+  int64_t E;       // positions h * W + w per chunk
+  int64_t chunks;  // chunks per plane (NCHW) or per image (channels_last)
+  int tc;          // channels_last: channels per block
+  int64_t cchunks; // channels_last: ceil(C / tc)
+  int rows;        // row table entries per level
+  int off_col, off_row;  // dynamic shared memory byte offsets (q at 0)
+  FastDiv wdiv;    // NCHW: position / W
+};
+
+// Bins of a level of b that contain index x of an extent n (pool_start <= x < pool_end): first = floor(x*b / n),
+// last = floor(((x + 1) * b - 1) / n), packed as first | last << 16 (b <= kMaxBin).
+__device__ __forceinline__ uint32_t pool_bins_of(int64_t x, int64_t b, int64_t n) {
+  const int64_t first = div_nn(x * b, n);
+  const int64_t last = div_nn((x + 1) * b - 1, n);
+  return static_cast<uint32_t>(first) | (static_cast<uint32_t>(last) << 16);
+}
+
+// pool_end(i, k, n) - pool_start(i, k, n) through the 32-bit division fast path.
+__device__ __forceinline__ int64_t pool_len(int64_t i, int64_t k, int64_t n) {
+  return div_nn((i + 1) * n + k - 1, k) - div_nn(i * n, k);
+}
+
+// grad_pooled[idx] / kh_i / kw_j in acc_t (the forward's sum / kh / kw, transposed).
+template <typename acc_t>
+__device__ __forceinline__ acc_t pool_share(const PoolBwdParams& p, const void* gp, int64_t idx, int64_t b,
+                                            int64_t i, int64_t j) {
+  const int64_t kh = pool_len(i, b, p.H);
+  const int64_t kw = pool_len(j, b, p.W);
+  return load_level<acc_t>(gp, p.gp_double, idx) / static_cast<acc_t>(kh) / static_cast<acc_t>(kw);
+}
+
+// Fills the tables for positions [pos0, pos1): colr[l * W + w] for every column, rowr[l * rows + h - h_lo] for the
+// rows the positions touch.
+__device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t* colr, uint32_t* rowr, int64_t pos0,
+                                                int64_t pos1, int tid, int nt) {
+  const int L = p.lv.num;
+  for (int64_t it = tid; it < L * p.W; it += nt) {
+    const int64_t l = div_nn(it, p.W);
+    colr[it] = pool_bins_of(it - l * p.W, p.lv.bins[l], p.W);
+  }
+  const int64_t h_lo = div_nn(pos0, p.W);
+  const int64_t nrows = div_nn(pos1 - 1, p.W) - h_lo + 1;
+  for (int64_t it = tid; it < L * nrows; it += nt) {
+    const int64_t l = div_nn(it, nrows);
+    const int64_t hr = it - l * nrows;
+    rowr[l * p.rows + hr] = pool_bins_of(h_lo + hr, p.lv.bins[l], p.H);
+  }
+}
+
+// NCHW: grad_out (N, C2, H, W) contiguous, out (N, C, H, W). One block per P whole planes or per chunk of E
+// positions of one plane. Per plane (n, c and the int64 bases found once per plane, int32 positions within it), the
+// out run is written as aligned 16-byte vectors, its unaligned head and tail element-wise (H*W need not be a multiple
+// of 8: 90x90 planes start at every alignment); each vector's grad_out elements are one aligned 16-byte load, or two
+// cut into one (shift16) when grad_out's plane has another alignment (C2 != C). Position e = h W + w: h by
+// multiply-high once per vector, then w steps; the bins of (h, w) from the row and column tables (or, GENERIC, per
+// use). Vectors never span two planes.
+template <typename scalar_t, typename acc_t, bool GENERIC>
+__global__ void __launch_bounds__(kPbThreads)
+    pool_bwd_nchw_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
+                         const __grid_constant__ PoolBwdParams p) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* q = reinterpret_cast<acc_t*>(smem);
+  uint32_t* colr = reinterpret_cast<uint32_t*>(smem + p.off_col);
+  uint32_t* rowr = reinterpret_cast<uint32_t*>(smem + p.off_row);
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int L = p.lv.num;
+  const int64_t HW = p.H * p.W;
+  const int64_t S = p.S;
+  const int W = static_cast<int>(p.W);
+  // GENERIC kernels read the plan's flags; the others are compiled for q and tables in shared memory.
+  const bool stage_q = !GENERIC || p.stage_q;
+  const bool tabs = !GENERIC || p.tabs;
+  int64_t plane0;
+  int pos0, pos1;
+  int np;
+  if (p.P > 1) {
+    plane0 = static_cast<int64_t>(blockIdx.x) * p.P;
+    np = static_cast<int>(min(static_cast<int64_t>(p.P), p.planes - plane0));
+    pos0 = 0;
+    pos1 = static_cast<int>(HW);
+  } else {
+    plane0 = div_nn(blockIdx.x, p.chunks);
+    pos0 = static_cast<int>((blockIdx.x - plane0 * p.chunks) * p.E);
+    pos1 = static_cast<int>(min(HW, pos0 + p.E));
+    np = 1;
+  }
+  if (stage_q) {
+    for (int64_t it = tid; it < np * S; it += nt) {
+      const int64_t pp = div_nn(it, S);
+      const int64_t k = it - pp * S;
+      const int l = level_of(p.lv.offs, L, k);
+      const int64_t b = p.lv.bins[l];
+      const int64_t kk = k - p.lv.offs[l];
+      const int64_t i = div_nn(kk, b);
+      q[it] = pool_share<acc_t>(p, gp, plane0 * S + it, b, i, kk - i * b);
+    }
+  }
+  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
+  __syncthreads();
+
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  for (int pp = 0; pp < np; ++pp) {
+    const int64_t plane = plane0 + pp;
+    const int64_t n = div_nn(plane, p.C);
+    const scalar_t* g = go + (n * p.C2 + (plane - n * p.C)) * HW;
+    scalar_t* o = out + plane * HW;
+    const acc_t* qp = q + pp * S;
+    const int64_t gbase = plane * S;
+    // grad_x at (h, w) given grad_out's value there.
+    const auto value = [&](int h, int w, scalar_t gv) {
+      acc_t s = 0;
+      for (int l = 0; l < L; ++l) {
+        const int64_t b = p.lv.bins[l];
+        const int off = static_cast<int>(p.lv.offs[l]);
+        const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
+        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W);
+        const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
+        for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
+          const int row = off + i * static_cast<int>(b);
+          for (int j = j0; j <= j1; ++j) {
+            s += stage_q ? qp[row + j] : pool_share<acc_t>(p, gp, gbase + row + j, b, i, j);
+          }
+        }
+      }
+      return static_cast<scalar_t>(static_cast<acc_t>(gv) + s);
+    };
+    const int a = static_cast<int>(reinterpret_cast<uintptr_t>(o + pos0) & 15);
+    const int head = min(((16 - a) & 15) / static_cast<int>(sizeof(scalar_t)), pos1 - pos0);
+    if (tid < head) {
+      const int e = pos0 + tid;
+      const int h = static_cast<int>(fast_div(p.wdiv, e));
+      o[e] = value(h, e - h * W, g[e]);
+    }
+    const int body0 = pos0 + head;
+    const int nv = (pos1 - body0) / V;
+    const int r = static_cast<int>(reinterpret_cast<uintptr_t>(g + body0) & 15);  // uniform over the plane
+    const uint4* gs = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(g + body0) - r);
+    for (int k = tid; k < nv; k += nt) {
+      const int e = body0 + k * V;
+      const uint4 graw = r == 0 ? __ldg(gs + k) : shift16(__ldg(gs + k), __ldg(gs + k + 1), r);
+      AlignedVec<scalar_t, V> gv;
+      memcpy(&gv, &graw, 16);
+      int h = static_cast<int>(fast_div(p.wdiv, e));
+      int w = e - h * W;
+      AlignedVec<scalar_t, V> ov;
+#pragma unroll
+      for (int m = 0; m < V; ++m) {
+        ov.v[m] = value(h, w, gv.v[m]);
+        if (++w == W) {
+          w = 0;
+          ++h;
+        }
+      }
+      store_vec<scalar_t, V>(o + e, ov);
+    }
+    for (int e = body0 + nv * V + tid; e < pos1; e += nt) {
+      const int h = static_cast<int>(fast_div(p.wdiv, e));
+      o[e] = value(h, e - h * W, g[e]);
+    }
+  }
+}
+
+// channels_last: grad_out (N, H, W, C2) and out (N, H, W, C) in memory. One block per (n, chunk of tc channels,
+// chunk of E pixels); a thread takes VEC consecutive channels of one pixel (one 16-byte load and store), so the
+// bin lookups of a pixel serve VEC channels. q[k * tc + c]: a bin's tc channels side by side.
+template <typename scalar_t, typename acc_t, int VEC, bool GENERIC>
+__global__ void __launch_bounds__(kPbThreads)
+    pool_bwd_cl_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
+                       const __grid_constant__ PoolBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* q = reinterpret_cast<acc_t*>(smem);
+  uint32_t* colr = reinterpret_cast<uint32_t*>(smem + p.off_col);
+  uint32_t* rowr = reinterpret_cast<uint32_t*>(smem + p.off_row);
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int L = p.lv.num;
+  const int64_t HW = p.H * p.W;
+  const int64_t S = p.S;
+  // GENERIC kernels read the plan's flags; the others are compiled for q and tables in shared memory.
+  const bool stage_q = !GENERIC || p.stage_q;
+  const bool tabs = !GENERIC || p.tabs;
+  const int tc = p.tc;
+  const int64_t per_n = p.cchunks * p.chunks;
+  const int64_t n = div_nn(blockIdx.x, per_n);
+  const int64_t rem = blockIdx.x - n * per_n;
+  const int64_t cb = div_nn(rem, p.chunks);
+  const int64_t c0 = cb * tc;
+  const int nc = static_cast<int>(min(static_cast<int64_t>(tc), p.C - c0));
+  const int64_t pos0 = (rem - cb * p.chunks) * p.E;
+  const int64_t pos1 = min(HW, pos0 + p.E);
+  const int64_t gbase = (n * p.C + c0) * S;  // grad_pooled rows of this block's channels: one contiguous run
+  if (stage_q) {
+    for (int64_t it = tid; it < nc * S; it += nt) {
+      const int64_t c = div_nn(it, S);
+      const int64_t k = it - c * S;
+      const int l = level_of(p.lv.offs, L, k);
+      const int64_t b = p.lv.bins[l];
+      const int64_t kk = k - p.lv.offs[l];
+      const int64_t i = div_nn(kk, b);
+      q[k * tc + c] = pool_share<acc_t>(p, gp, gbase + it, b, i, kk - i * b);
+    }
+  }
+  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
+  __syncthreads();
+
+  const int64_t h_lo = div_nn(pos0, p.W);
+  const int cv = nc / VEC;
+  for (int64_t u = tid; u < (pos1 - pos0) * cv; u += nt) {
+    const int64_t px = div_nn(u, cv);
+    const int c = static_cast<int>(u - px * cv) * VEC;
+    const int64_t pos = pos0 + px;
+    const int64_t h = div_nn(pos, p.W);
+    const int64_t w = pos - h * p.W;
+    const AlignedVec<scalar_t, VEC> gv = load_vec<scalar_t, VEC>(go + (n * HW + pos) * p.C2 + c0 + c);
+    acc_t s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = 0;
+    for (int l = 0; l < L; ++l) {
+      const int64_t b = p.lv.bins[l];
+      const int64_t off = p.lv.offs[l];
+      const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
+      const uint32_t cr = tabs ? colr[l * p.W + w] : pool_bins_of(w, b, p.W);
+      const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
+      for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
+        const int64_t row = off + i * b;
+        for (int j = j0; j <= j1; ++j) {
+          if (stage_q) {
+            const acc_t* qk = q + (row + j) * tc + c;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) s[k] += qk[k];
+          } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) s[k] += pool_share<acc_t>(p, gp, gbase + (c + k) * S + row + j, b, i, j);
+          }
+        }
+      }
+    }
+    AlignedVec<scalar_t, VEC> ov;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ov.v[k] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[k]) + s[k]);
+    store_vec<scalar_t, VEC>(out + (n * HW + pos) * p.C + c0 + c, ov);
+  }
+}
+
+template <typename scalar_t>
+void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdParams& p, bool cl, int64_t N) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const char* op = "pyramid_pool_backward";
+  constexpr int V = 16 / sizeof(scalar_t);
+  const int64_t asz = sizeof(acc_t);
+  const int64_t L = p.lv.num;
+  const int64_t HW = p.H * p.W;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const scalar_t* gop = go.const_data_ptr<scalar_t>();
+  scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+  const bool ptrs_aligned = aligned(gop) && aligned(op_);
+  // channels_last: 16-byte vectors of channels when every pixel row is aligned (NCHW vectorizes at any size).
+  const bool vec = cl && ptrs_aligned && p.C % V == 0 && p.C2 % V == 0;
+  const int64_t vw = vec ? V : 1;
+  const int64_t optin = smem_optin();
+
+  // Shared memory of a plan: q for `units` planes (NCHW) or channels (channels_last), tables for W columns and the
+  // rows that `positions` consecutive positions may touch.
+  auto layout = [&](int64_t units, int64_t positions, bool sq, bool tb) {
+    const int64_t rows = positions >= HW ? p.H : std::min<int64_t>(p.H, positions / p.W + 2);
+    const int64_t q_b = sq ? align16(units * p.S * asz) : 0;
+    p.rows = static_cast<int>(rows);
+    p.off_col = static_cast<int>(std::min<int64_t>(q_b, INT32_MAX));
+    p.off_row = static_cast<int>(std::min<int64_t>(q_b + 4 * L * p.W, INT32_MAX));
+    return q_b + (tb ? align16(4 * L * (p.W + rows)) : 0);
+  };
+  // Preference: everything in shared memory within the default 48 KiB, then within the opt-in limit, then per-use
+  // divisions for q (tables kept when they fit), then nothing staged.
+  struct Choice {
+    int64_t budget;
+    bool sq, tb;
+  };
+  const Choice prefs[] = {{kDefaultSmem, true, true},  {kDefaultSmem, true, false}, {optin, true, true},
+                          {optin, true, false},        {kDefaultSmem, false, true}, {optin, false, false}};
+  int64_t smem = 0;
+  if (!cl) {
+    // Several whole planes per block when planes are small; keep about a thousand blocks or more.
+    int64_t P = 2 * HW <= kPbChunk ? kPbChunk / HW : 1;
+    P = std::min<int64_t>(P, std::max<int64_t>(1, ceil_div(p.planes, 1024)));
+    const int64_t E1 = std::min<int64_t>(HW, kPbChunk);  // positions of a one-plane block
+    bool found = false;
+    for (const Choice& ch : prefs) {
+      if (layout(1, E1, ch.sq, ch.tb) > ch.budget) continue;
+      p.stage_q = ch.sq;
+      p.tabs = ch.tb;
+      found = true;
+      break;
+    }
+    TORCH_INTERNAL_ASSERT(found);
+    while (P > 1 && layout(P, HW, p.stage_q, p.tabs) > kDefaultSmem) --P;
+    p.E = P > 1 ? HW : E1;
+    p.chunks = ceil_div(HW, p.E);
+    p.P = static_cast<int>(P);
+    smem = layout(P, p.E, p.stage_q, p.tabs);
+    const int64_t blocks = P > 1 ? ceil_div(p.planes, P) : p.planes * p.chunks;
+    TORCH_CHECK(blocks <= INT32_MAX, op, ": N * C * H * W = ", p.planes * HW, " is too large for one launch");
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    auto launch = [&](auto kernel) {
+      allow_smem(kernel, smem);
+      kernel<<<static_cast<unsigned>(blocks), kPbThreads, smem, stream>>>(gp.const_data_ptr(), gop, op_, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
+    p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
+    if (!(p.stage_q && p.tabs)) {
+      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, true>);
+    } else {
+      launch(pool_bwd_nchw_kernel<scalar_t, acc_t, false>);
+    }
+    return;
+  }
+  // channels_last: up to 64 channels per block (a multiple of the vector width), fewer when q would not fit.
+  int64_t tc0 = std::min<int64_t>(p.C, 64);
+  bool found = false;
+  for (const Choice& ch : prefs) {
+    for (int64_t t = tc0;; t = std::max<int64_t>(vw, (t / 2) / vw * vw)) {
+      const int64_t E = std::max<int64_t>(1, kPbChunk / t);
+      if (layout(t, E, ch.sq, ch.tb) <= ch.budget) {
+        p.tc = static_cast<int>(t);
+        p.E = std::min(E, HW);
+        p.stage_q = ch.sq;
+        p.tabs = ch.tb;
+        found = true;
+        break;
+      }
+      if (t == vw) break;
+    }
+    if (found) break;
+  }
+  TORCH_INTERNAL_ASSERT(found);
+  smem = layout(p.tc, p.E, p.stage_q, p.tabs);
+  p.cchunks = ceil_div(p.C, p.tc);
+  p.chunks = ceil_div(HW, p.E);
+  const int64_t blocks = N * p.cchunks * p.chunks;
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": N * C * H * W = ", p.planes * HW, " is too large for one launch");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto kernel) {
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(blocks), kPbThreads, smem, stream>>>(gp.const_data_ptr(), gop, op_, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!(p.stage_q && p.tabs)) {
+    launch(pool_bwd_cl_kernel<scalar_t, acc_t, 1, true>);
+  } else if (vec) {
+    launch(pool_bwd_cl_kernel<scalar_t, acc_t, V, false>);
+  } else {
+    launch(pool_bwd_cl_kernel<scalar_t, acc_t, 1, false>);
+  }
+}
+
+Tensor pyramid_pool_backward_cuda(const Tensor& grad_pooled_in, const Tensor& grad_out_in, at::IntArrayRef bins,
+                                  int64_t x_offset) {
+  checks::pyramid_pool_backward(grad_pooled_in, grad_out_in, bins, x_offset);
+  const char* op = "pyramid_pool_backward";
+  TORCH_CHECK(x_offset == 0, op, ": x_offset != 0 is not implemented in the CUDA kernels",
+              " (pspnet_fast/_order.py handles that layout for CUDA tensors)");
+  check_x(op, grad_out_in, "grad_out");
+  TORCH_CHECK(grad_pooled_in.is_cuda(), op, ": expected grad_pooled on a CUDA device, got ", grad_pooled_in.device());
+  TORCH_CHECK(grad_pooled_in.device() == grad_out_in.device(), op, ": expected grad_pooled on ", grad_out_in.device(),
+              " (grad_out's device), got ", grad_pooled_in.device());
+  const LevelTable lv = make_levels(op, bins);
+  const int64_t N = grad_out_in.size(0), C2 = grad_out_in.size(1), H = grad_out_in.size(2), W = grad_out_in.size(3);
+  const int64_t S = lv.offs[lv.num];
+  TORCH_CHECK(grad_pooled_in.dim() == 3 && grad_pooled_in.size(0) == N && grad_pooled_in.size(2) == S, op,
+              ": expected grad_pooled of shape (", N, ", C, ", S, ") for grad_out of shape ", grad_out_in.sizes(),
+              " and bins ", bins, ", got ", grad_pooled_in.sizes());
+  const int64_t C = grad_pooled_in.size(1);
+  TORCH_CHECK(C <= C2, op, ": grad_pooled has ", C, " channels, more than grad_out's ", C2);
+  const auto gst = grad_pooled_in.scalar_type();
+  TORCH_CHECK(gst == at::kFloat || gst == at::kDouble, op, ": expected float32 or float64 grad_pooled, got ", gst);
+  const c10::cuda::CUDAGuard guard(grad_out_in.device());
+  const bool cl = use_channels_last(grad_out_in);
+  Tensor out = at::empty({N, C, H, W}, grad_out_in.options(),
+                         cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (N == 0 || C == 0) return out;
+  const Tensor go = cl ? grad_out_in : grad_out_in.contiguous();
+  const Tensor gp = grad_pooled_in.contiguous();
+
+  PoolBwdParams p{};
+  p.lv = lv;
+  p.planes = N * C;
+  p.C = C;
+  p.C2 = C2;
+  p.H = H;
+  p.W = W;
+  p.S = S;
+  p.gp_double = gst == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "pyramid_pool_backward_cuda",
+                                  [&] { launch_pool_bwd<scalar_t>(gp, go, out, p, cl, N); });
+  return out;
+}
+
+}  // namespace
+}  // namespace pspnet_fast
+
+TORCH_LIBRARY_IMPL(pspnet_fast, CUDA, m) {
+  m.impl("upsample_concat_backward", &pspnet_fast::upsample_concat_backward_cuda);
+  m.impl("pyramid_pool_backward", &pspnet_fast::pyramid_pool_backward_cuda);
+}
