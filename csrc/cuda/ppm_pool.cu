@@ -470,7 +470,8 @@ void launch_pool_cl(const Tensor& x, Tensor& out, scalar_t* xout, PoolParams& p,
   int64_t tc = 0, k = 0, vw = 1;
   for (const int64_t w : {static_cast<int64_t>(vec ? V : 0), int64_t{1}}) {
     if (w == 0 || tc != 0) continue;
-    const int64_t tc0 = std::min<int64_t>(std::max<int64_t>(w, (w > 1 ? 128 : 32) / static_cast<int64_t>(sizeof(scalar_t))), pow2c);
+    const int64_t bytes0 = w > 1 ? 128 : 32;
+    const int64_t tc0 = std::min<int64_t>(std::max<int64_t>(w, bytes0 / static_cast<int64_t>(sizeof(scalar_t))), pow2c);
     for (int64_t budget : {kDefaultSmem, optin}) {
       for (int64_t t = tc0; t >= w && tc == 0; t /= 2) {
         const int64_t target = 4 * (kPoolClThreads / (t / w));

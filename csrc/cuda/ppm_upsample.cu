@@ -80,7 +80,8 @@ struct UpParams {
 // map (L1-resident, the lanes of a warp share it) through linear_tap / bilinear in ATen's order. Slow, but bounded.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kUpThreads)
-    upsample_nchw_generic_kernel(const scalar_t* __restrict__ x, const void* __restrict__ lv, scalar_t* __restrict__ out,
+    upsample_nchw_generic_kernel(const scalar_t* __restrict__ x, const void* __restrict__ lv,
+                                 scalar_t* __restrict__ out,
                          const __grid_constant__ UpParams p) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t HW = p.H * p.W;

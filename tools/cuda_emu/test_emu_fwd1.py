@@ -24,13 +24,14 @@ def check(name, got, want, rtol, atol):
     if not ok:
         fails += 1
         d = (got.double() - want.double()).abs() if got.shape == want.shape else None
-        print("FAIL", name, tuple(got.shape), tuple(want.shape), "maxdiff", None if d is None else d.nan_to_num(1e9).max().item())
+        print("FAIL", name, tuple(got.shape), tuple(want.shape), "maxdiff",
+              None if d is None else d.nan_to_num(1e9).max().item())
     return ok
 
 def same(name, got, want, strides=True):
     global fails
-    ok = got.shape == want.shape and got.dtype == want.dtype and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) \
-        and torch.equal(got.isnan(), want.isnan()) and (not strides or got.stride() == want.stride())
+    ok = got.shape == want.shape and got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan()) \
+        and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and (not strides or got.stride() == want.stride())
     if not ok:
         fails += 1
         print("NOT BIT-EQUAL", name, got.shape, want.shape, got.stride(), want.stride())
@@ -157,7 +158,8 @@ for xx in (x, x.contiguous(memory_format=torch.channels_last)):
     c = E.upsample_concat(xx, E.ppm_reduce(E.pyramid_pool(xx, B), w, None, None, B, False), B, True, False)
     same("fwd nan", g, c)
 # N = 0 (the weight still checked), and errors.
-assert E.ppm_forward(torch.randn(0, 3, 4, 4), torch.randn(2, 4, 3), None, None, [1, 2], True, False, False).shape == (0, 11, 4, 4)
+out0 = E.ppm_forward(torch.randn(0, 3, 4, 4), torch.randn(2, 4, 3), None, None, [1, 2], True, False, False)
+assert out0.shape == (0, 11, 4, 4), out0.shape
 for bad, msg in [((torch.randn(1, 3, 4, 4), torch.randn(2, 4, 5)), "weight of shape"),
                  ((torch.randn(1, 3, 4, 4), torch.randn(2, 4, 3, dtype=torch.float64)), "one dtype"),
                  ((torch.randn(1, 3, 4, 4), torch.randn(4, 3)), "weight of shape")]:
