@@ -525,6 +525,16 @@ __device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t
   }
 }
 
+// One 128-bit global store. store_vec's uint4 store (and __stcg) came out of this file's pyramid_pool_backward
+// kernel as four 32-bit stores in the sm_90 SASS; the PTX vector store cannot be split.
+__device__ __forceinline__ void store16(void* p, const uint4& u) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w) : "memory");
+#else
+  *reinterpret_cast<uint4*>(p) = u;
+#endif
+}
+
 // NCHW: grad_out (N, C2, H, W) contiguous, out (N, C, H, W). One block per P whole planes or per chunk of E
 // positions of one plane. Per plane (n, c and the int64 bases found once per plane, int32 positions within it), the
 // out run is written as aligned 16-byte vectors, its unaligned head and tail element-wise (H*W need not be a multiple
@@ -631,7 +641,9 @@ __global__ void __launch_bounds__(kPbThreads)
           ++h;
         }
       }
-      store_vec<scalar_t, V>(o + e, ov);
+      uint4 ou;
+      memcpy(&ou, &ov, 16);
+      store16(o + e, ou);
     }
     for (int e = body0 + nv * V + tid; e < pos1; e += nt) {
       const int h = static_cast<int>(fast_div(p.wdiv, e));
