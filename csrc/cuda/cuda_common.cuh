@@ -97,12 +97,18 @@ __device__ __forceinline__ AlignedVec<T, V> load_vec(const T* p) {
   return r;
 }
 
+// The store goes through __stcg (st.global.cg.v4.u32): a plain uint4 store was split into four 32-bit stores by
+// the compiler in pool_bwd_nchw_kernel (SASS), the intrinsic is always one 128-bit store (cached in L2, as stores are).
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const AlignedVec<T, V>& r) {
   if constexpr (sizeof(AlignedVec<T, V>) == 16) {
     uint4 u;
     memcpy(&u, &r, 16);
+#ifdef __CUDA_ARCH__
+    __stcg(reinterpret_cast<uint4*>(p), u);
+#else
     *reinterpret_cast<uint4*>(p) = u;
+#endif
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = r.v[k];

@@ -1,6 +1,20 @@
 // The adjoints on CUDA, deterministic (every output is a fixed-order sum by its one owner thread, no atomics):
 //   upsample_concat_backward  grad_out (N, C + L*R, H, W) -> grad_levels (N, R, S)  one launch, separable gather
 //   pyramid_pool_backward     grad_pooled (N, C, S), grad_out -> grad_x (N, C, H, W)  one launch, per-element gather
+//
+// Cost per element of grad_out read (upsample_concat_backward) and what bounds it: NCHW, 1/V of a 16-byte load
+// (stage_contiguous: aligned, or two and 4 funnel shifts), a shared load and a multiply-add with the column weight
+// from the block's tap table (W + H entries computed once per block; per use only when the table would not fit);
+// per band, the row pass over b x b bins. channels_last: one 2-byte load per (pixel, level channel), tc channels per
+// pixel group. Bound: bytes of the level channels of grad_out.
+// Cost per grad_x element (pyramid_pool_backward): NCHW, 1/V of an aligned 16-byte store (plane heads and tails
+// element-wise, at any H * W) and of a 16-byte grad_out load (two and 4 funnel shifts when grad_out's plane has
+// another alignment), the bins of (h, w) from per-block row / column tables and L short sums of staged
+// grad_pooled / bin size; channels_last, 16-byte vectors of V channels when C and C' are multiples of V. Bound: bytes
+// (read grad_out's x channels, write grad_x), plus ~L * (2 + bins per element) shared loads.
+// Launch geometry: upsample_concat_backward one 256-thread block per (n, level, P level channels), bands of rows
+// through 16 KiB tiles (NCHW) or 32 KiB of T (channels_last); pyramid_pool_backward one 256-thread block per P whole
+// planes or per 4096 positions of a plane (NCHW), per (n, tc channels, chunk of pixels) (channels_last).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,6 +66,8 @@ struct UpBwdParams {
   int P;               // level channels per block (NCHW: planes; channels_last: channels across threads)
   int TH, TW;          // rows of T per band; NCHW: columns of a staged tile (TW < W only when TH == 1)
   int off_t, off_tab;  // dynamic shared memory byte offsets of T and of the range tables (the NCHW tile sits at 0)
+  bool taps;           // the block's tap table (W columns, then H rows) in shared memory at off_taps
+  int off_taps;
 };
 
 // tab[0..b) = lo, tab[b..2b) = hi of each row bin over H; tab[2b..3b), tab[3b..4b) the same for columns over W.
@@ -64,6 +80,33 @@ __device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int64_t b, int*
     const bool col = q >= 2;
     tab[k] = tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0);
   }
+}
+
+// The two taps and weights of one destination index, as a block computes them once for every column and row.
+template <typename acc_t>
+struct TapEntry {
+  int i0, i1;
+  acc_t l0, l1;
+};
+
+// taps[0, W): the columns' taps of a level of b bins; taps[W, W + H): the rows'.
+template <typename acc_t>
+__device__ __forceinline__ void fill_taps(const UpBwdParams& p, int64_t b, TapEntry<acc_t>* taps, int tid, int nt) {
+  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
+  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
+  const int64_t W = p.W;
+  for (int64_t k = tid; k < W + p.H; k += nt) {
+    const bool col = k < W;
+    const LinearTap<acc_t> t = linear_tap<acc_t>(col ? sw : sh, col ? k : k - W, b, col ? W : p.H, p.align);
+    taps[k] = TapEntry<acc_t>{static_cast<int>(t.i0), static_cast<int>(t.i1), t.l0, t.l1};
+  }
+}
+
+// tap_weight from a table entry: the same operations, so the same value.
+template <typename acc_t>
+__device__ __forceinline__ acc_t entry_weight(const TapEntry<acc_t>& t, int i) {
+  const acc_t w = t.i0 == i ? t.l0 : static_cast<acc_t>(0);
+  return t.i1 == i ? w + t.l1 : w;
 }
 
 // First k in [0, n) with a[k] > v (a non-decreasing); n if none.
@@ -108,6 +151,15 @@ __global__ void __launch_bounds__(kUbThreads)
   const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
   const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
   tap_ranges<acc_t>(p, b, tab, tid, nt);
+  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
+  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
+  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
+  const auto wcol = [&](int w, int j) {
+    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
+  };
+  const auto wrow = [&](int h, int i) {
+    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
+  };
   const int* rlo = tab;
   const int* rhi = tab + b;
   const int* clo = tab + 2 * b;
@@ -148,7 +200,7 @@ __global__ void __launch_bounds__(kUbThreads)
         const scalar_t* row = tile + pr * tw;  // column w at row[w - w0]
         acc_t s = 0;
         for (int w = wa; w < wb; ++w) {
-          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * static_cast<acc_t>(row[w - w0]);
+          s += wcol(w, j) * static_cast<acc_t>(row[w - w0]);
         }
         const int64_t pp = div_nn(pr, th);
         acc_t* d = T + (pp * TH + (pr - pp * th)) * b + j;
@@ -169,7 +221,7 @@ __global__ void __launch_bounds__(kUbThreads)
       const acc_t* t = T + pp * TH * b + j;  // row h at t[(h - h0) * b]
       acc_t s = 0;
       for (int h = ha; h < hb; ++h) {
-        s += tap_weight<acc_t>(sh, h, i, b, p.H, p.align) * t[static_cast<int64_t>(h - h0) * b];
+        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b];
       }
       acc_t* d = o + pp * p.S + static_cast<int64_t>(i) * b + j;
       *d = rlo[i] >= h0 ? s : *d + s;  // the first band of this row bin assigns, later ones add (barrier-ordered)
@@ -208,6 +260,15 @@ __global__ void __launch_bounds__(kUbThreads)
   const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
   const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
   tap_ranges<acc_t>(p, b, tab, tid, nt);
+  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
+  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
+  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
+  const auto wcol = [&](int w, int j) {
+    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
+  };
+  const auto wrow = [&](int h, int i) {
+    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
+  };
   const int* rlo = tab;
   const int* rhi = tab + b;
   const int* clo = tab + 2 * b;
@@ -248,14 +309,14 @@ __global__ void __launch_bounds__(kUbThreads)
           const acc_t v1 = static_cast<acc_t>(q[Ctot]);
           const acc_t v2 = static_cast<acc_t>(q[2 * Ctot]);
           const acc_t v3 = static_cast<acc_t>(q[3 * Ctot]);
-          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * v0;
-          s += tap_weight<acc_t>(sw, w + 1, j, b, p.W, p.align) * v1;
-          s += tap_weight<acc_t>(sw, w + 2, j, b, p.W, p.align) * v2;
-          s += tap_weight<acc_t>(sw, w + 3, j, b, p.W, p.align) * v3;
+          s += wcol(w, j) * v0;
+          s += wcol(w + 1, j) * v1;
+          s += wcol(w + 2, j) * v2;
+          s += wcol(w + 3, j) * v3;
           q += 4 * Ctot;
         }
         for (; w < wb; ++w) {
-          s += tap_weight<acc_t>(sw, w, j, b, p.W, p.align) * static_cast<acc_t>(q[0]);
+          s += wcol(w, j) * static_cast<acc_t>(q[0]);
           q += Ctot;
         }
       }
@@ -273,7 +334,7 @@ __global__ void __launch_bounds__(kUbThreads)
       const acc_t* t = T + static_cast<int64_t>(j) * tc + cl;  // row h at t[(h - h0) * b * tc]
       acc_t s = 0;
       for (int h = ha; h < hb; ++h) {
-        s += tap_weight<acc_t>(sh, h, i, b, p.H, p.align) * t[static_cast<int64_t>(h - h0) * b * tc];
+        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b * tc];
       }
       if (valid) {
         acc_t* d = o + static_cast<int64_t>(i) * b + j;
@@ -344,6 +405,11 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
     p.TH = static_cast<int>(rows_for(tc));
     p.TW = static_cast<int>(p.W);
   }
+  // The tap table when it fits beside the plan (16 KiB at most, within the budget the plan already needs).
+  const int64_t taps_b = align16((p.W + p.H) * static_cast<int64_t>(sizeof(TapEntry<acc_t>)));
+  p.off_taps = static_cast<int>(align16(smem));
+  p.taps = taps_b <= 16 * 1024 && p.off_taps + taps_b <= (smem <= kDefaultSmem ? kDefaultSmem : optin);
+  if (p.taps) smem = p.off_taps + taps_b;
   p.rblocks = ceil_div(p.R, p.P);
   const int64_t blocks = N * L * p.rblocks;
   TORCH_CHECK(blocks <= INT32_MAX, op, ": N * levels * R = ", N * L * p.R, " is too large for one launch");
@@ -461,6 +527,16 @@ __device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t
   }
 }
 
+// One 128-bit global store. store_vec's uint4 store (and __stcg) came out of this file's pyramid_pool_backward
+// kernel as four 32-bit stores in the sm_90 SASS; the PTX vector store cannot be split.
+__device__ __forceinline__ void store16(void* p, const uint4& u) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w) : "memory");
+#else
+  *reinterpret_cast<uint4*>(p) = u;
+#endif
+}
+
 // NCHW: grad_out (N, C2, H, W) contiguous, out (N, C, H, W). One block per P whole planes or per chunk of E
 // positions of one plane. Per plane (n, c and the int64 bases found once per plane, int32 positions within it), the
 // out run is written as aligned 16-byte vectors, its unaligned head and tail element-wise (H*W need not be a multiple
@@ -567,7 +643,9 @@ __global__ void __launch_bounds__(kPbThreads)
           ++h;
         }
       }
-      store_vec<scalar_t, V>(o + e, ov);
+      uint4 ou;
+      memcpy(&ou, &ov, 16);
+      store16(o + e, ou);
     }
     for (int e = body0 + nv * V + tid; e < pos1; e += nt) {
       const int h = static_cast<int>(fast_div(p.wdiv, e));

@@ -1,9 +1,27 @@
-// pyramid_pool on CUDA: x (N, C, H, W) -> pooled (N, C, S), one launch that reads x once for all levels.
+// pyramid_pool and ppm_forward on CUDA.
+//
+//   pyramid_pool  x (N, C, H, W) -> pooled (N, C, S)          one launch, x read once for all levels
+//   ppm_forward   x, weight, scale, shift -> out (N, C + L*R, H, W): the pooling launch also writes x into its
+//                 channels of out; then ppm_reduce (ppm_reduce.cpp) and the levels-only upsample (ppm_upsample.cu)
 //
 // Pooling works on "segments": the disjoint intervals that all levels' bin boundaries cut an extent into. Each input
 // element is added to exactly one (row segment, column segment) cell; every bin of every level is then a sum of a
 // rectangle of cells. Segment tables depend only on bins, H and W, so the host computes them and passes them by value.
 // No atomics: every output is a fixed-order sum, so results are bitwise reproducible run to run.
+//
+// Cost per input element and what bounds it:
+//   NCHW (pool_nchw_kernel): 1/V of an aligned 16-byte global load (stage_contiguous; V = 16 / element size; a
+//     misaligned plane costs a second, L1-hit load and 4 funnel shifts per vector), 1/V of a 16-byte shared store,
+//     one shared load + add (phase 1); per tile, an epilogue over the tile's rows x segments. Bound: bytes of x
+//     (8x2048x90x90 bf16: 265 MB, ~55 us at 4.8 TB/s). With the copy (ppm_forward): + 1/V of a 16-byte shared load
+//     (two, and 4 funnel shifts, when out's plane has another alignment) and 1/V of an aligned 16-byte global store:
+//     bound by x read + x written once.
+//   channels_last (pool_cl_kernel): one load per element, 16-byte vectors of V channels when C % V == 0 (else 2-byte
+//     scalars, 32 bytes per pixel group), V register sums; the copy stores the same vectors (16-byte when Ctot and the
+//     x offset are multiples of V). Bound: bytes, with 4 independent loads per thread in flight.
+// Launch geometry: NCHW one 256-thread block per P planes (P > 1 only when whole planes fit a 16 KiB tile), tiles of
+// 16 KiB (whole planes, bands of rows, or pieces of a row); channels_last one 512-thread block per (n, tc channels),
+// tc = 128 bytes of channels (vectorized) or 32 bytes, halved when shared memory requires.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -303,25 +321,24 @@ __global__ void __launch_bounds__(kPoolClThreads)
         const scalar_t* q = xn + (static_cast<int64_t>(h) * p.W + wa) * C;
         scalar_t* qo = COPY ? xo + (static_cast<int64_t>(h) * p.W + wa) * Ctot : nullptr;
         int w = 0;
-        // Four independent loads in flight before their adds (memory-level parallelism per thread).
-        for (; w + 4 <= cw; w += 4) {
-          const Vec e0 = load_vec<scalar_t, VEC>(q), e1 = load_vec<scalar_t, VEC>(q + C);
-          const Vec e2 = load_vec<scalar_t, VEC>(q + 2 * C), e3 = load_vec<scalar_t, VEC>(q + 3 * C);
+        // Independent loads in flight before their adds (memory-level parallelism per thread): four scalars, or two
+        // 16-byte vectors (four made the copy variant spill on sm_90).
+        constexpr int U = VEC > 1 ? 2 : 4;
+        for (; w + U <= cw; w += U) {
+          Vec e[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) e[u] = load_vec<scalar_t, VEC>(q + u * C);
           if constexpr (COPY) {
-            put(qo, e0);
-            put(qo + Ctot, e1);
-            put(qo + 2 * Ctot, e2);
-            put(qo + 3 * Ctot, e3);
-            qo += 4 * Ctot;
+#pragma unroll
+            for (int u = 0; u < U; ++u) put(qo + u * Ctot, e[u]);
+            qo += U * Ctot;
           }
 #pragma unroll
-          for (int m = 0; m < VEC; ++m) {
-            s[m] += static_cast<acc_t>(e0.v[m]);
-            s[m] += static_cast<acc_t>(e1.v[m]);
-            s[m] += static_cast<acc_t>(e2.v[m]);
-            s[m] += static_cast<acc_t>(e3.v[m]);
+          for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int m = 0; m < VEC; ++m) s[m] += static_cast<acc_t>(e[u].v[m]);
           }
-          q += 4 * C;
+          q += U * C;
         }
         for (; w < cw; ++w) {
           const Vec e0 = load_vec<scalar_t, VEC>(q);
@@ -454,7 +471,8 @@ void launch_pool_cl(const Tensor& x, Tensor& out, scalar_t* xout, PoolParams& p,
   int64_t tc = 0, k = 0, vw = 1;
   for (const int64_t w : {static_cast<int64_t>(vec ? V : 0), int64_t{1}}) {
     if (w == 0 || tc != 0) continue;
-    const int64_t tc0 = std::min<int64_t>(std::max<int64_t>(w, (w > 1 ? 128 : 32) / static_cast<int64_t>(sizeof(scalar_t))), pow2c);
+    const int64_t bytes0 = w > 1 ? 128 : 32;
+    const int64_t tc0 = std::min<int64_t>(std::max<int64_t>(w, bytes0 / static_cast<int64_t>(sizeof(scalar_t))), pow2c);
     for (int64_t budget : {kDefaultSmem, optin}) {
       for (int64_t t = tc0; t >= w && tc == 0; t /= 2) {
         const int64_t target = 4 * (kPoolClThreads / (t / w));

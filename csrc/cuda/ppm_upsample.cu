@@ -1,5 +1,22 @@
-// upsample_concat on CUDA: x (N, C, H, W), levels (N, R, S) -> out (N, C + L*R, H, W), one launch that writes the copy of
-// x and every level, bilinear as F.interpolate (ppm_math.h: linear_tap / bilinear in ATen's order).
+// upsample_concat on CUDA: x (N, C, H, W), levels (N, R, S) -> out (N, C + L*R, H, W), one launch that writes the copy
+// of x and every level, bilinear as F.interpolate (ppm_math.h: linear_tap / bilinear in ATen's order). Also the
+// levels-only pass of ppm_forward (upsample_levels_into: the same kernels without the copy).
+//
+// Cost per output element and what bounds it:
+//   NCHW tabled (upsample_nchw_kernel): a level element is two shared loads (U[i0][w], U[i1][w]), two multiply-adds
+//     and a conversion, stored in aligned 16-byte vectors (a plane's unaligned head and tail element-wise), pos / W
+//     by multiply-high once per vector; per block a setup of b * W + W + rows tap computations for up to 16384
+//     outputs. An x element is 1/V of a 16-byte load (two and 4 funnel shifts when x and out differ in alignment)
+//     and 1/V of an aligned 16-byte store. Bound: bytes written (8x2048x90x90 bf16: 531 MB out + 265 MB x).
+//   NCHW generic (tables over 32 KiB: enormous b * W): per element taps and 4 L1-resident map loads; instruction
+//     bound, only for shapes PSPNet never uses.
+//   channels_last: the copy is 16-byte vectors when C, Ctot and the x offset are multiples of V; a level element is
+//     4 shared loads of a staged pair of map rows and the bilinear sum, the pixel's column taps shared by V channels,
+//     stored as 16-byte vectors of V channels when R, the level offset and Ctot are multiples of V (else 2-byte
+//     stores, 32 consecutive channels per pixel). Bound: bytes written.
+// Launch geometry: NCHW one 256-thread block per 16384 elements of x (copy) and per (n, level channel, 16384
+// positions); channels_last grid-stride loops over tasks (n, row, level, 32 channels), 4 waves of resident blocks
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor) for each of the copy and the levels.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,7 +45,7 @@ namespace {
 using at::Tensor;
 
 constexpr int kUpThreads = 256;
-constexpr int kUpRChunk = 32;        // channels_last upsampling: level channels per warp (one pixel per warp)
+constexpr int kUpRChunk = 32;        // channels_last upsampling: level channels per task (one pixel at a time)
 constexpr int kUpStageMaxBin = 64;   // channels_last upsampling: levels up to this b are staged in shared memory
 constexpr int64_t kUpCopyChunk = 16384;  // NCHW: elements of x copied per block
 constexpr int64_t kUpChunk = 16384;      // NCHW: output positions per level block
@@ -64,7 +81,8 @@ struct UpParams {
 // map (L1-resident, the lanes of a warp share it) through linear_tap / bilinear in ATen's order. Slow, but bounded.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kUpThreads)
-    upsample_nchw_generic_kernel(const scalar_t* __restrict__ x, const void* __restrict__ lv, scalar_t* __restrict__ out,
+    upsample_nchw_generic_kernel(const scalar_t* __restrict__ x, const void* __restrict__ lv,
+                                 scalar_t* __restrict__ out,
                          const __grid_constant__ UpParams p) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t HW = p.H * p.W;
@@ -225,9 +243,10 @@ __global__ void __launch_bounds__(kUpThreads)
 // channels_last: out (N, H, W, Ctot) in memory. Blocks [0, copy_blocks) copy x into channels [X0, X0 + C) of every
 // pixel (grid-stride over VEC-element vectors; both rows are contiguous). The other blocks loop over level tasks
 // (n, h, l, chunk of 32 level channels): the two map rows i0(h), i1(h) of those 32 channels are gathered once into
-// shared memory as [row][j][r] (the channel is fastest, as in the output), then each warp produces one pixel's 32
-// consecutive channels at a time, a coalesced store, reading its taps from shared memory without bank conflicts.
-template <typename scalar_t, int VEC>
+// shared memory as [row][j][r] (the channel is fastest, as in the output), then each group of 32 / LV threads
+// produces one pixel's 32 consecutive channels at a time, LV per thread (one 16-byte store when LV > 1: R, the level
+// offset and Ctot multiples of LV), the pixel's column taps computed once for its LV channels.
+template <typename scalar_t, int VEC, int LV>
 __global__ void __launch_bounds__(kUpThreads)
     upsample_cl_kernel(const scalar_t* __restrict__ x, const void* __restrict__ lv, scalar_t* __restrict__ out,
                        const __grid_constant__ UpParams p) {
@@ -247,9 +266,10 @@ __global__ void __launch_bounds__(kUpThreads)
   }
   const int64_t lb = blockIdx.x - p.copy_blocks;
   const int64_t nlb = gridDim.x - p.copy_blocks;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int nwarps = blockDim.x >> 5;
+  constexpr int TPP = kUpRChunk / LV;  // threads per pixel: LV consecutive level channels each
+  const int cv = tid % TPP;
+  const int slot = tid / TPP;
+  const int slots = blockDim.x / TPP;
   const int L = p.lv.num;
   for (int64_t t = lb; t < p.tasks; t += nlb) {
     int64_t q = t;
@@ -263,7 +283,7 @@ __global__ void __launch_bounds__(kUpThreads)
     const opmath_t sh = linear_scale<opmath_t>(b, p.H, p.align);
     const opmath_t sw = linear_scale<opmath_t>(b, p.W, p.align);
     const LinearTap<opmath_t> th = linear_tap<opmath_t>(sh, h, b, p.H, p.align);
-    const int64_t r = rc * kUpRChunk + lane;
+    const int64_t r0c = rc * kUpRChunk + cv * LV;  // this thread's first level channel
     // levels[n, r, off_l + i*b + j] = lvn[r * S + i * b + j]
     const int64_t lvn = n * p.R * p.S + p.lv.offs[l];
     const bool staged = b <= p.stage_b;  // uniform over the block
@@ -279,24 +299,30 @@ __global__ void __launch_bounds__(kUpThreads)
       }
       __syncthreads();
     }
-    if (r < p.R) {
-      scalar_t* o = out + (n * p.H + h) * p.W * p.Ctot + p.L0 + l * p.R + r;
-      for (int64_t w = warp; w < p.W; w += nwarps) {
+    if (r0c < p.R) {  // LV > 1: R % LV == 0, so all LV channels exist
+      scalar_t* o = out + (n * p.H + h) * p.W * p.Ctot + p.L0 + l * p.R + r0c;
+      for (int64_t w = slot; w < p.W; w += slots) {
         const LinearTap<opmath_t> tw = linear_tap<opmath_t>(sw, w, b, p.W, p.align);
-        opmath_t v00, v01, v10, v11;
-        if (staged) {
-          v00 = st[tw.i0 * kUpRChunk + lane];
-          v01 = st[tw.i1 * kUpRChunk + lane];
-          v10 = st[(b + tw.i0) * kUpRChunk + lane];
-          v11 = st[(b + tw.i1) * kUpRChunk + lane];
-        } else {
-          const int64_t r0 = lvn + r * p.S + th.i0 * b, r1 = lvn + r * p.S + th.i1 * b;
-          v00 = load_level<opmath_t>(lv, p.lv_double, r0 + tw.i0);
-          v01 = load_level<opmath_t>(lv, p.lv_double, r0 + tw.i1);
-          v10 = load_level<opmath_t>(lv, p.lv_double, r1 + tw.i0);
-          v11 = load_level<opmath_t>(lv, p.lv_double, r1 + tw.i1);
+        AlignedVec<scalar_t, LV> v;
+#pragma unroll
+        for (int m = 0; m < LV; ++m) {
+          opmath_t v00, v01, v10, v11;
+          if (staged) {
+            const int c = cv * LV + m;
+            v00 = st[tw.i0 * kUpRChunk + c];
+            v01 = st[tw.i1 * kUpRChunk + c];
+            v10 = st[(b + tw.i0) * kUpRChunk + c];
+            v11 = st[(b + tw.i1) * kUpRChunk + c];
+          } else {
+            const int64_t m0 = lvn + (r0c + m) * p.S + th.i0 * b, m1 = lvn + (r0c + m) * p.S + th.i1 * b;
+            v00 = load_level<opmath_t>(lv, p.lv_double, m0 + tw.i0);
+            v01 = load_level<opmath_t>(lv, p.lv_double, m0 + tw.i1);
+            v10 = load_level<opmath_t>(lv, p.lv_double, m1 + tw.i0);
+            v11 = load_level<opmath_t>(lv, p.lv_double, m1 + tw.i1);
+          }
+          v.v[m] = static_cast<scalar_t>(bilinear<opmath_t>(th.l0, th.l1, tw.l0, tw.l1, v00, v01, v10, v11));
         }
-        o[w * p.Ctot] = static_cast<scalar_t>(bilinear<opmath_t>(th.l0, th.l1, tw.l0, tw.l1, v00, v01, v10, v11));
+        store_vec<scalar_t, LV>(o + w * p.Ctot, v);
       }
     }
   }
@@ -362,7 +388,9 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
   for (int l = 0; l < p.lv.num; ++l) maxb = std::max(maxb, p.lv.bins[l]);
   p.stage_b = static_cast<int>(std::min<int64_t>(maxb, kUpStageMaxBin));
   const int64_t smem = 2 * p.stage_b * kUpRChunk * static_cast<int64_t>(sizeof(opmath_t));
-  auto kernel = vec ? upsample_cl_kernel<scalar_t, V> : upsample_cl_kernel<scalar_t, 1>;
+  const bool lvec = aligned16(op_) && p.R % V == 0 && p.L0 % V == 0 && p.Ctot % V == 0;
+  auto kernel = vec ? (lvec ? upsample_cl_kernel<scalar_t, V, V> : upsample_cl_kernel<scalar_t, V, 1>)
+                    : (lvec ? upsample_cl_kernel<scalar_t, 1, V> : upsample_cl_kernel<scalar_t, 1, 1>);
   // Grid-stride loops: 4 waves of resident blocks for each part (copy, levels).
   const int64_t cap = 4 * resident_blocks(kernel, kUpThreads, smem);
   const int64_t copy_blocks = p.copy ? std::max<int64_t>(1, std::min(ceil_div(p.units, kUpThreads), cap)) : 0;

@@ -1,4 +1,5 @@
-"""Compiles the units that make_emu.py generated (listed in sources.txt) into BUILD_DIR/ppm_emu.so (a torch op library, pspnet_emu)."""
+"""Compiles the units that make_emu.py generated (listed in sources.txt) into BUILD_DIR/ppm_emu.so, a torch op library
+(pspnet_emu)."""
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from emu_common import BUILD_DIR, GEN_SOURCES_LIST, HERE, REPO

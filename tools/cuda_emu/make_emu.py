@@ -59,7 +59,7 @@ def rewrite(path):
 
 
 def write(path, text):
-    # Rewrite only on a change: ninja rebuilds by modification time, and an unchanged source should not cost a recompile.
+    # Rewrite only on a change: ninja rebuilds by modification time; an unchanged source should not cost a recompile.
     changed = not os.path.exists(path) or open(path).read() != text
     if changed:
         open(path, 'w').write(text)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the CPU emulator of the CUDA kernels: generate one unit per csrc/cuda/ppm_* source, build them,
-# run the four test scripts (test_emu_head.py generates and builds its own library).
+# run the five test scripts (test_emu_head.py generates and builds its own library).
 # Usage: tools/cuda_emu/run.sh [quick|full]   (default quick)
 # Generated files and the build go to $PSPNET_FAST_EMU_DIR (default: a per-checkout folder under the system temp dir).
 # Python: $PYTHON, else the repository's .venv, else python3. Exit status 0 only when every script passed.
@@ -28,7 +28,7 @@ start=$SECONDS
 "$PYTHON" "$HERE/build.py" || exit 1
 echo "generate + build: $((SECONDS - start))s"
 failed=()
-for t in test_emu.py test_emu2.py test_emu_bwd.py test_emu_head.py; do
+for t in test_emu.py test_emu2.py test_emu_bwd.py test_emu_fwd1.py test_emu_head.py; do
   t0=$SECONDS
   echo "== $t ($MODE)"
   if "$PYTHON" "$HERE/$t" $FLAG; then
