@@ -7,7 +7,7 @@ pspnet_fast/reference.py: head_context / head_epilogue / head_context_backward):
                                                                      -> grad_q (N, O, 9, S) float32 (float64)
 
 context(n, o, y, x) = sum_l sum_{dy, dx} [0 <= y+dy-1 < H][0 <= x+dx-1 < W] up_l(q[n, o, 3 dy + dx, level l])(y+dy-1,
-x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (ppm_triton._linear_tap).
+x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (triton_common._linear_tap).
 
 Both kernels work in a "tap space" shared by rows and columns: level l owns the 3 * b_l entries
 k in [K_l, K_l + 3 b_l), K_l = 3 * sum_{j<l} b_j, and k - K_l = d * b_l + a with d the tap offset (dy for rows, dx for
@@ -20,7 +20,7 @@ holds at most 2 entries per (level, d).
 Selections, never 0/1 products: a NaN of q or grad reaches exactly the outputs whose bilinear taps read it (both taps
 of a position, also where one weight is 0, as PyTorch), and padding positions read nothing.
 
-Bins travel as compile-time constants (ppm_triton._bins_meta: NUM_LEVELS, B0..B7, O1..O7, plus K1..K7 and KT here);
+Bins travel as compile-time constants (triton_common._bins_meta: NUM_LEVELS, B0..B7, O1..O7, plus K1..K7 and KT here);
 at most MAX_LEVELS = 8 levels, one compilation per bins tuple.
 """
 
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
-from .ppm_triton import MAX_LEVELS, _bins_meta, _div, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
+from .triton_common import MAX_LEVELS, _bins_meta, _div, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
 
 __all__ = ["head_epilogue", "head_context_backward"]
 

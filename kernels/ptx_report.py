@@ -37,7 +37,10 @@ try:
 except ImportError:  # pragma: no cover - older Triton
     native_specialize_impl = None
 
-from . import head_triton, ppm_triton  # noqa: E402
+from . import head_triton, ppm_triton, triton_backward, triton_pool, triton_reduce, triton_upsample  # noqa: E402
+
+# The modules whose launchers call wrap_triton (each looks it up in its own globals): record() replaces it in each.
+_LAUNCHING = (triton_pool, triton_reduce, triton_upsample, triton_backward, head_triton)
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -170,12 +173,14 @@ def compile_launch(kernel, grid, args, kwargs, arch):
 
 def record(fn, *args, **kwargs):
     rec = _Recorder()
-    saved = (ppm_triton.wrap_triton, head_triton.wrap_triton)
-    ppm_triton.wrap_triton = head_triton.wrap_triton = rec
+    saved = [m.wrap_triton for m in _LAUNCHING]
+    for m in _LAUNCHING:
+        m.wrap_triton = rec
     try:
         fn(*args, **kwargs)
     finally:
-        ppm_triton.wrap_triton, head_triton.wrap_triton = saved
+        for m, w in zip(_LAUNCHING, saved):
+            m.wrap_triton = w
     return rec.launches
 
 
@@ -204,9 +209,9 @@ def cases(shape, dtype, bins=(1, 2, 3, 6), reduction=None, head_out=512):
         q = torch.empty((N, head_out, 9, S), dtype=acc, **meta)
         hs = torch.empty((head_out,), dtype=acc, **meta)
         out += [
-            (f"pyramid_pool {layout}", _impl(ppm_triton._triton_pyramid_pool), (x, list(bins))),
-            (f"ppm_reduce {layout}", _impl(ppm_triton._triton_ppm_reduce), (pooled, w, sc, sc, list(bins), True)),
-            (f"upsample_concat {layout}", _impl(ppm_triton._triton_upsample_concat),
+            (f"pyramid_pool {layout}", _impl(triton_pool._triton_pyramid_pool), (x, list(bins))),
+            (f"ppm_reduce {layout}", _impl(triton_reduce._triton_ppm_reduce), (pooled, w, sc, sc, list(bins), True)),
+            (f"upsample_concat {layout}", _impl(triton_upsample._triton_upsample_concat),
              (x, levels, list(bins), True, False)),
             (f"ppm_forward {layout}", _impl(getattr(ppm_triton, "_triton_ppm_forward", None)),
              (x, w, sc, sc, list(bins), True, True, False)),
