@@ -416,6 +416,8 @@ def _verify(original: nn.Module, replacement: nn.Module, size: int = 7, batch: i
     are restored afterwards."""
     param = next(iter(original.parameters()), None)
     channels = getattr(replacement, "in_channels", None)
+    if channels is None:  # a whole head (reference PSPHead -> pspnet_fast.PSPHead): its PPM's input channels
+        channels = getattr(getattr(replacement, "ppm", None), "in_channels", None)
     if param is None or not isinstance(channels, int):
         return "verify: cannot build a test input (no parameters or no int in_channels)"
     modes = [(m, m.training) for m in (*original.modules(), *replacement.modules())]

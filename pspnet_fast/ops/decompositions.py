@@ -6,6 +6,7 @@ ops' decomposition for torch.onnx.
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -24,8 +25,18 @@ class ExportError(RuntimeError):
 
 
 def onnx_exporting() -> bool:
-    """torch.onnx.export is tracing the caller (not asked under Dynamo, which cannot trace the query)."""
-    return not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export()
+    """torch.onnx.export is tracing the caller: the legacy exporter, or the dynamo exporter whichever capture
+    strategy it tries (torch.export non-strict, strict through Dynamo, torch.jit.trace)."""
+    if torch.compiler.is_dynamo_compiling():
+        return _dynamo_onnx_exporting()  # constant at trace time: Dynamo cannot trace is_in_onnx_export
+    return torch.onnx.is_in_onnx_export() or _dynamo_onnx_exporting()
+
+
+@torch.compiler.assume_constant_result
+def _dynamo_onnx_exporting() -> bool:
+    # The dynamo exporter's private flag, read only if its module is loaded (an export that runs has loaded it).
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -75,7 +75,10 @@ def test_verified_patch_keeps_modes_rng_and_statistics():
 def test_recognized_layouts_pass_verification(make):
     model = la.randomize_bn(make()).eval()
     result = pspnet_fast.patch(model)
-    assert len(result) == 1 and not result.skipped, (list(result), result.skipped)
+    # The look-alikes' heads are not the real packages' classes, so head fusion is refused (and says so); the PPM
+    # replacement passed its verification.
+    skipped = [(q, why) for q, why in result.skipped if not why.startswith("head not fused")]
+    assert len(result) == 1 and not skipped, (list(result), result.skipped)
 
 
 def test_verification_runs_in_the_module_dtype():
