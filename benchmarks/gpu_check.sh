@@ -65,7 +65,7 @@ step machine 10 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total
   $PY --version; $PY -c 'import torch; print(torch.__version__, torch.version.cuda)'"
 step build 170 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 step info 15 "$PY" -m pspnet_fast.cli info
-step tests_cuda 60 "$PY" -m pytest tests/test_fused_ppm.py tests/test_errors.py -q -x -k cuda -p no:cacheprovider
+step tests_cuda 60 "$PY" -m pytest tests/nn/test_ppm.py tests/nn/test_errors.py tests/ops/test_ppm_forward.py -q -x -k cuda -p no:cacheprovider
 step head_ops 45 "$PY" tools/check_head_cuda.py
 step kernels 150 "$PY" tools/gpu_kernels.py --rounds 10 --json "$OUT/kernels.json"
 step sass 15 "$PY" tools/sass_report.py --no-download --json "$OUT/sass.json"
