@@ -56,12 +56,8 @@ constexpr int kDirectThreads = 256;
 constexpr int kMaxChunk = 32;                  // channels_last: channels per block (one warp's lanes)
 
 // Per-level tables, passed by value in the kernel arguments.
-struct HeadLevels {
-  int num;
-  int64_t bins[kMaxLevels];
-  int64_t offs[kMaxLevels + 1];  // column offset of level l in S; offs[num] = S
-  int64_t boff[kMaxLevels + 1];  // prefix sums of bins; K = 3 * boff[num] rows of V / G, level l's from 3 * boff[l]
-};
+// The PPM's level table (cuda_host.h): K = 3 * boff[num] rows of V / G, level l's from 3 * boff[l].
+using HeadLevels = LevelTable;
 
 struct HeadParams {
   HeadLevels lv;
@@ -122,23 +118,7 @@ struct alignas(2 * sizeof(T)) Pair {
   T a, b;  // (V[j], V[j1]) with j1 = j + (j < b - 1): the two column taps of one output in one load
 };
 
-HeadLevels make_head_levels(const char* op, at::IntArrayRef bins) {
-  TORCH_CHECK(!bins.empty(), op, ": bins must hold at least one level, got an empty list");
-  TORCH_CHECK(static_cast<int64_t>(bins.size()) <= kMaxLevels, op, ": at most ", kMaxLevels,
-              " pyramid levels are supported, got ", bins.size());
-  HeadLevels t{};
-  t.num = static_cast<int>(bins.size());
-  t.offs[0] = 0;
-  t.boff[0] = 0;
-  for (int l = 0; l < t.num; ++l) {
-    const int64_t b = bins[l];
-    TORCH_CHECK(b > 0 && b <= kMaxBin, op, ": every bin count must be in [1, ", kMaxBin, "], got ", bins);
-    t.bins[l] = b;
-    t.offs[l + 1] = t.offs[l] + b * b;
-    t.boff[l + 1] = t.boff[l] + b;
-  }
-  return t;
-}
+HeadLevels make_head_levels(const char* op, at::IntArrayRef bins) { return make_levels(op, bins); }
 
 // The most dynamic shared memory one block may opt in to on this device.
 int64_t head_smem_optin() {
