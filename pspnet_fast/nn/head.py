@@ -127,11 +127,12 @@ def psp_head_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential, backen
 
     ppm: a fused `pspnet_fast.PyramidPooling`; cls: the reference's Sequential (conv3x3, BatchNorm, ReLU, Dropout2d,
     conv1x1). Anything else (a reference ppm, a changed cls, a backend without head kernels) runs cls(ppm(x))."""
-    if decompositions.onnx_exporting():  # standard ONNX ops, exact at every size (ops/decompositions.py)
-        return _export_forward(x, ppm, cls)
+    exporting = decompositions.onnx_exporting()  # torch.onnx: conv_head_forward takes the export formulation
+    if exporting:
+        decompositions.check_exportable(cls, "the PSP head's cls")
     if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
         return cls(ppm(x))
-    why = fallback_reason(cls, x, True, "cls.")  # hooks on cls itself or its dropout/classifier too
+    why = None if exporting else fallback_reason(cls, x, True, "cls.")  # hooks on cls, its dropout/classifier
     if why is not None and ops.choose_backend(x, backend) != "reference":
         warn_fallback("PSPHead", why, stacklevel=6)  # via PSPHead.forward or PSPNet.forward
         return cls(ppm(x))
@@ -164,29 +165,37 @@ def conv_head_forward(x: torch.Tensor, ppm: nn.Module, conv: nn.Conv2d, norm: nn
         return modules(ppm(x))
     check_feature_map(x, ppm.in_channels)
     check_same_device(x, conv.weight)
-    name = ops.choose_backend(x, backend)
-    if name == "reference":
-        return modules(ppm(x))
-    why = fallback_reason(ppm, x, True, "ppm.")
-    for m in seq:
-        why = why or fallback_reason(m, x, True, "")
-    if why is not None:
-        warn_fallback("PSPHead", why, stacklevel=7)  # via PSPHead.forward or PSPNet.forward
-        return modules(ppm(x))
-    ops.ensure_registered(name)
-    kernels = ops.op_set(name)
-    if kernels.head_epilogue is None:
-        return modules(ppm(x))
+    exporting = decompositions.onnx_exporting()
+    if exporting:
+        # torch.onnx.export: the same math in plain torch ops, exact at every size (ops/decompositions.py); eval only.
+        for what, m in (("ppm", ppm), *((type(m).__name__, m) for m in seq)):
+            decompositions.check_exportable(m, f"the head's {what}")
+        kernels = decompositions.KERNELS
+    else:
+        name = ops.choose_backend(x, backend)
+        if name == "reference":
+            return modules(ppm(x))
+        why = fallback_reason(ppm, x, True, "ppm.")
+        for m in seq:
+            why = why or fallback_reason(m, x, True, "")
+        if why is not None:
+            warn_fallback("PSPHead", why, stacklevel=7)  # via PSPHead.forward or PSPNet.forward
+            return modules(ppm(x))
+        ops.ensure_registered(name)
+        kernels = ops.op_set(name)
+        if kernels.head_epilogue is None:
+            return modules(ppm(x))
     lay = _Layout(ppm.in_channels, R, len(ppm.bins), getattr(ppm, "x_last", False), k)
     params = [p for p in (*ppm.parameters(), conv.weight, conv.bias) if p is not None and p.requires_grad]
-    if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
+    if (not exporting and torch.is_grad_enabled() and (x.requires_grad or params)
+            and not torch.compiler.is_compiling()):
         # conv.weight and conv.bias last: see backward
         v = _FusedHeadFunction.apply(x, ppm, conv, lay, kernels, *params)
     else:
         # Inference, and traced graphs (torch.compile differentiates the ops' registered autograd formulas).
         cdt = _conv_dtype(x)
         pooled = kernels.pyramid_pool(x, ppm.bins)
-        with _no_autocast(x):
+        with nullcontext() if exporting else _no_autocast(x):  # no autocast region in an exported graph
             levels = ppm._levels(kernels, pooled)
             # Differentiable in a traced training graph (torch.compile); detached otherwise.
             grad = torch.is_grad_enabled()
@@ -207,28 +216,6 @@ def conv_head_forward(x: torch.Tensor, ppm: nn.Module, conv: nn.Conv2d, norm: nn
     if norm is not None:
         v = norm(v)
     return act(v) if act is not None else v
-
-
-def _export_forward(x: torch.Tensor, ppm: nn.Module, cls: nn.Sequential) -> torch.Tensor:
-    """The fused PSP head's eval forward in the export formulation: conv3x3(x; W_X) over x's C channels plus the
-    levels' context (two small products per level), folded BatchNorm and ReLU, then cls[3:] (dropout, classifier)."""
-    decompositions.check_exportable(cls, "the PSP head's cls")
-    if not isinstance(ppm, PyramidPooling) or not _is_standard_cls(cls):
-        return cls(ppm(x))
-    decompositions.check_exportable(ppm, "the PSP head's ppm")
-    check_feature_map(x, ppm.in_channels)
-    conv, bn, act, drop, classifier = cls
-    pooled = decompositions.pyramid_pool(x, ppm.bins)
-    levels = ppm._levels(decompositions.KERNELS, pooled)  # (N, R, S), float32 (float64)
-    wx, level_weight = _split_weight(conv.weight, ppm.in_channels, ppm.reduction_channels, x.dtype, levels.dtype)
-    q = _context_q(ppm.bins, level_weight, levels)  # (N, O, 9, S)
-    z = F.conv2d(x, wx, None, 1, 1)
-    folded = _folded_bn(bn, q.dtype)
-    if folded is not None:
-        y = decompositions.head_epilogue(z, q, ppm.bins, ppm.align_corners, folded[0], folded[1], True)
-    else:  # a BatchNorm without running statistics: the module's own, as in eager
-        y = act(bn(decompositions.head_epilogue(z, q, ppm.bins, ppm.align_corners, None, None, False)))
-    return classifier(drop(y))
 
 
 class _FusedHeadFunction(torch.autograd.Function):
