@@ -119,7 +119,7 @@ def _check_op_affine(op: str, scale, shift, shape: list, dtype: torch.dtype, ref
         return
     want = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     for name, t in (("scale", scale), ("shift", shift)):
-        if [int(s) for s in t.shape] != list(shape):
+        if list(t.shape) != list(shape):  # no int(): a symbolic (exported) size must not be specialized
             raise ValueError(f"pspnet_fast.{op}: {name} must be of shape {want}, got {_shape(t)}")
         if t.dtype != dtype:
             raise TypeError(f"pspnet_fast.{op}: {name} must be {dtype}, got {t.dtype}")
@@ -211,7 +211,7 @@ def check_head_epilogue(z, q, bins, align_corners, scale, shift, relu=True) -> N
     s = check_op_bins(op, bins)
     _check_op_map(op, z, "z", "O")
     n, o = z.shape[0], z.shape[1]
-    if q.dim() != 4 or [int(d) for d in q.shape] != [int(n), int(o), 9, s]:
+    if q.dim() != 4 or list(q.shape) != [n, o, 9, s]:  # no int(): symbolic sizes (torch.export) stay symbolic
         raise ValueError(f"pspnet_fast.{op}: q must be of shape (N, O, 9, S) = ({n}, {o}, 9, {s}), got {_shape(q)}")
     acc = _acc_dtype(z.dtype)
     if q.dtype != acc:

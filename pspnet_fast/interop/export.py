@@ -24,8 +24,9 @@ How it reaches the graph, with nothing passed by the user:
 - the dispatcher ops themselves (`torch.ops.pspnet_fast.*`, e.g. in an ExportedProgram made by torch.export and
   handed to torch.onnx.export, or called directly by a user's module) get the formulation as their decomposition in
   `torch._decomp.decomposition_table`, which torch.onnx's dynamo exporter applies to every op it has no ONNX
-  function for (`pspnet_fast.ops.decompositions.register_onnx_decompositions`, run on `import pspnet_fast`). Nothing else reads those entries
-  (torch.compile and torch.export's default decompositions select their own ops).
+  function for, while `pspnet_fast.ops.decompositions.onnx_decompositions()` is active (`export_onnx` enters it;
+  a user exporting an ExportedProgram wraps `torch.onnx.export(ep)` in it). It is not registered for good:
+  Inductor refuses a custom op with a global decomposition when the environment variable CI is set.
 
 AOTInductor: `export_aoti` = torch.export (dynamic N, H, W) + `torch._inductor.aoti_compile_and_package`; the package
 calls the fused ops through the dispatcher, so the loading process must have them registered (`import pspnet_fast`).
@@ -38,7 +39,7 @@ import torch
 
 from .. import ops
 from ..nn import PSPHead, PyramidPooling
-from ..ops import _ext
+from ..ops import _ext, decompositions
 from ..ops.decompositions import ExportError
 from .patching import PatchedPyramidPooling
 
@@ -219,7 +220,7 @@ def export_onnx(model: torch.nn.Module, path, example, dynamic=True, *, opset: i
             "it recognizes; names.skipped says why others were left), or export with dynamic=False.")
     args = _as_args(example)
     kw = {} if opset is None else {"opset_version": int(opset)}
-    with torch.no_grad():
+    with torch.no_grad(), decompositions.onnx_decompositions():
         program = torch.onnx.export(model, _trace_example(args, dynamic), dynamo=True,
                                     dynamic_shapes=_dynamic_shapes(args, dynamic),
                                     input_names=input_names, output_names=output_names, optimize=optimize,

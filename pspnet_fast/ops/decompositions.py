@@ -1,11 +1,12 @@
 """The export-time formulation of the eval ops: plain torch ops whose every index and weight is computed from the
 input's shape inside the graph, so that torch.onnx writes an exact graph of standard ONNX ops at every N, H, W (see
 pspnet_fast/interop/export.py for the why and the helpers). `KERNELS` is that formulation as an op set the modules
-run while `torch.onnx.is_in_onnx_export()`; `register_onnx_decompositions` (run on import) makes it the dispatcher
-ops' decomposition for torch.onnx.
+run while `torch.onnx.is_in_onnx_export()`; `onnx_decompositions()` (a context manager) makes it the dispatcher
+ops' decomposition for torch.onnx while it is active.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Sequence
 
@@ -17,7 +18,7 @@ from .backends import OpSet
 
 __all__ = ["pyramid_pool", "ppm_reduce", "upsample_concat", "ppm_forward_op", "head_epilogue", "head_context",
            "KERNELS", "ExportError", "check_exportable", "ppm_module_forward", "onnx_exporting",
-           "register_onnx_decompositions"]
+           "onnx_decompositions"]
 
 
 class ExportError(RuntimeError):
@@ -254,25 +255,28 @@ _DECOMPOSITIONS = {"pyramid_pool": pyramid_pool, "ppm_reduce": ppm_reduce, "upsa
                    "ppm_forward": ppm_forward_op, "head_epilogue": _decomp_head_epilogue}
 
 
-def register_onnx_decompositions() -> list[str]:
-    """Puts the formulation above in torch._decomp.decomposition_table for every eval op of the compiled extension,
-    so that torch.onnx.export (dynamo) lowers an ExportedProgram holding them to standard ONNX ops. Idempotent;
-    returns the op names registered ([] without the extension). torch.onnx reads that table for the ops it has no
-    ONNX function for; torch.compile, torch.export's default decompositions and AOTInductor pick their ops by name
-    and keep the fused ops."""
-    if not _ext.load():
-        return []
-    table = torch._decomp.decomposition_table
-    done = []
-    for name, fn in _DECOMPOSITIONS.items():
-        packet = getattr(torch.ops.pspnet_fast, name, None)
-        if packet is None:
-            continue
-        table[packet.default] = fn
-        done.append(name)
-    return done
+@contextlib.contextmanager
+def onnx_decompositions():
+    """While active, the formulation above is the decomposition (torch._decomp.decomposition_table) of every eval op
+    of the compiled extension, so that torch.onnx.export (dynamo) of an ExportedProgram holding
+    torch.ops.pspnet_fast.* lowers them to standard ONNX ops (torch.onnx reads that table for the ops it has no ONNX
+    function for). Yields the op names registered ([] without the extension); removes exactly those on exit.
 
-
-register_onnx_decompositions()
+    Not registered for good: AOTInductor / torch.compile refuse a custom op that has a global decomposition and a
+    fallback when the environment variable CI is set (torch._inductor.lowering.make_fallback). Modules need none of
+    this: pspnet_fast's modules take the formulation themselves while torch.onnx exports them."""
+    added = []
+    if _ext.load():
+        table = torch._decomp.decomposition_table
+        for name, fn in _DECOMPOSITIONS.items():
+            packet = getattr(torch.ops.pspnet_fast, name, None)
+            if packet is not None and packet.default not in table:
+                table[packet.default] = fn
+                added.append((name, packet.default))
+    try:
+        yield [name for name, _ in added]
+    finally:
+        for _, op in added:
+            torch._decomp.decomposition_table.pop(op, None)
 
 

@@ -167,7 +167,7 @@ def test_models_export_exact_at_unseen_sizes(tmp_path):
 @needs_ext
 def test_exported_program_with_fused_ops(tmp_path):
     """torch.export keeps the fused ops in the graph (no ONNX flag there); torch.onnx.export of that ExportedProgram
-    lowers them through the decompositions pspnet_fast.ops.decompositions registers: a fused head (pyramid_pool, ppm_reduce,
+    lowers them through the decompositions pspnet_fast.ops.decompositions.onnx_decompositions() registers: a fused head (pyramid_pool, ppm_reduce,
     head_epilogue) exact at unseen sizes."""
     torch.manual_seed(1)
     ref = reference.PSPHead(C, 3, (1, 3, 6, 8), bottleneck_channels=6, align_corners=True)
@@ -180,7 +180,10 @@ def test_exported_program_with_fused_ops(tmp_path):
             for n in g.graph.nodes if str(n.target).startswith("pspnet_fast.")}  # autocast regions are subgraphs
     assert {"pyramid_pool", "ppm_reduce", "head_epilogue"} <= held, held
     path = tmp_path / "ep.onnx"
-    torch.onnx.export(ep, dynamo=True, verbose=False, optimize=False).save(str(path))
+    with D.onnx_decompositions() as names:
+        assert {"pyramid_pool", "ppm_reduce", "head_epilogue"} <= set(names), names
+        torch.onnx.export(ep, dynamo=True, verbose=False, optimize=False).save(str(path))
+    assert torch.ops.pspnet_fast.pyramid_pool.default not in torch._decomp.decomposition_table  # removed again
     for n, h, w in [(1, 1, 1), (3, 5, 3), (1, 13, 97), (2, 8, 8)]:
         x = torch.randn(n, C, h, w)
         with torch.no_grad():
