@@ -239,14 +239,29 @@ for optin in (227 * 1024, 0):
 E.emu_set_optin(227 * 1024)
 
 # Errors.
-def expect_error(fn, pattern):
+def _raised(fn):
     try:
         fn()
-    except RuntimeError as e:
-        if not re.search(pattern, str(e)):
-            fail("error message", pattern, "got", str(e).splitlines()[0])
-        return
-    fail("no error, expected", pattern)
+    except Exception as e:  # ValueError / TypeError from the shared checker, RuntimeError from the launchers
+        return e
+    return None
+
+
+def expect_error(fn, what):
+    """fn (calling E.<op>) must raise, and exactly what the CPU op (torch.ops.pspnet_fast.<op>) raises for the same
+    arguments: one argument checker for every backend (csrc/op_checks.h). `what` names the case."""
+    global E
+    got = _raised(fn)
+    emu, E = E, torch.ops.pspnet_fast
+    try:
+        want = _raised(fn)
+    finally:
+        E = emu
+    if got is None:
+        fail("no error:", what)
+    elif want is None or type(got) is not type(want) or str(got).splitlines()[0] != str(want).splitlines()[0]:
+        fail("error differs from the CPU op's:", what, "got", type(got).__name__, str(got).splitlines()[0][:160],
+             "CPU:", type(want).__name__, str(want).splitlines()[0][:160] if want is not None else None)
 
 
 z = torch.randn(1, 3, 4, 4)
