@@ -7,7 +7,8 @@ pspnet_fast/reference.py: head_context / head_epilogue / head_context_backward):
                                                                      -> grad_q (N, O, 9, S) float32 (float64)
 
 context(n, o, y, x) = sum_l sum_{dy, dx} [0 <= y+dy-1 < H][0 <= x+dx-1 < W] up_l(q[n, o, 3 dy + dx, level l])(y+dy-1,
-x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (triton_common._linear_tap).
+x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (triton_common._linear_scale,
+_linear_tap_scaled).
 
 Both kernels work in a "tap space" shared by rows and columns: level l owns the 3 * b_l entries
 k in [K_l, K_l + 3 b_l), K_l = 3 * sum_{j<l} b_j, and k - K_l = d * b_l + a with d the tap offset (dy for rows, dx for
@@ -31,7 +32,8 @@ import triton
 import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
-from .triton_common import MAX_LEVELS, _bins_meta, _div, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
+from .triton_common import (MAX_LEVELS, _bins_meta, _level_by_id, _linear_scale, _linear_tap_scaled, _next_pow2, _register,
+                            wrap_triton)
 
 __all__ = ["head_epilogue", "head_context_backward"]
 
@@ -102,70 +104,30 @@ def _tap_space(k, NUM_LEVELS: tl.constexpr,
 
 
 @triton.jit
-def _tap_weights(pos, d, a, b, valid, EXTENT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+def _tap_weights_scaled(pos, d, a, b, valid, scale, EXTENT, ALIGN: tl.constexpr, dt: tl.constexpr):
     # The bilinear weight of source bin a (of a b-bin level) at the shifted position pos + d - 1, 0 outside
-    # [0, EXTENT): (sel, w), broadcast of pos with (d, a, b, valid). sel marks the (at most 2) bins the position's taps
-    # read, so that a NaN there reaches the sum even where its weight is 0 (as PyTorch).
+    # [0, EXTENT), with the level's scale given (_linear_scale(b, EXTENT): one division per entry and program, none
+    # per element): (sel, w), broadcast of pos with (d, a, b, valid, scale). sel marks the (at most 2) bins the
+    # position's taps read, so that a NaN there reaches the sum even where its weight is 0 (as PyTorch).
     src = pos + d - 1
     inside = (src >= 0) & (src < EXTENT) & valid
-    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)  # the tap arithmetic on an index it is defined for
-    i0, i1, l0, l1 = _linear_tap(src, b, EXTENT, ALIGN, IS_F64, dt)
+    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)
+    i0, i1, l0, l1 = _linear_tap_scaled(src, scale, b, EXTENT, ALIGN, dt)
     s0 = inside & (a == i0)
     s1 = inside & (a == i1)
     w = tl.where(s0, l0, 0.0) + tl.where(s1, l1, 0.0)
     return s0 | s1, w
+
+
+@triton.jit
+def _tap_weights(pos, d, a, b, valid, EXTENT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # _tap_weights_scaled with the scale computed here.
+    return _tap_weights_scaled(pos, d, a, b, valid, _linear_scale(b, EXTENT, ALIGN, IS_F64, dt), EXTENT, ALIGN, dt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # head_epilogue: out = act((z + context(q)) * scale + shift)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scale_of(IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
-    # ppm_math.h linear_scale for source extents IN ([KP], the levels' bin counts) and destination extent OUT: one
-    # IEEE division per tap-space entry and program, none per element.
-    if ALIGN:
-        num = (IN - 1).to(dt)
-        den = tl.cast(tl.maximum(OUT - 1, 1), dt)
-        return tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
-    else:
-        return _div(IN.to(dt), tl.cast(OUT, dt), IS_F64)
-
-
-@triton.jit
-def _tap_scaled(dst, scale, IN, OUT, ALIGN: tl.constexpr, dt: tl.constexpr):
-    # _linear_tap with the scale given (broadcast of dst with scale and IN): the same arithmetic, in the same order.
-    if ALIGN:
-        src = scale * dst.to(dt)
-    else:
-        src = scale * (dst.to(dt) + 0.5) - 0.5
-        src = tl.where(src < 0.0, 0.0, src)
-    i0 = tl.minimum(src.to(tl.int32), IN - 1)
-    l1 = src - i0.to(dt)
-    l1 = tl.where(l1 < 0.0, 0.0, l1)
-    l1 = tl.where(l1 > 1.0, 1.0, l1)
-    l0 = 1.0 - l1
-    i1 = i0 + (i0 < IN - 1).to(tl.int32)
-    same = IN == OUT  # a dimension that keeps its size is copied (ATen), no neighbour tap
-    i0 = tl.where(same, dst, i0)
-    i1 = tl.where(same, dst, i1)
-    l0 = tl.where(same, 1.0, l0)
-    l1 = tl.where(same, 0.0, l1)
-    return i0, i1, l0, l1
-
-
-@triton.jit
-def _tap_weights_scaled(pos, d, a, b, valid, scale, EXTENT, ALIGN: tl.constexpr, dt: tl.constexpr):
-    # _tap_weights with the per-entry scale given: (sel, w) of source bin a at the shifted position pos + d - 1.
-    src = pos + d - 1
-    inside = (src >= 0) & (src < EXTENT) & valid
-    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)
-    i0, i1, l0, l1 = _tap_scaled(src, scale, b, EXTENT, ALIGN, dt)
-    s0 = inside & (a == i0)
-    s1 = inside & (a == i1)
-    w = tl.where(s0, l0, 0.0) + tl.where(s1, l1, 0.0)
-    return s0 | s1, w
 
 
 @triton.jit
@@ -231,8 +193,8 @@ def _head_epilogue_kernel(
     k = tl.arange(0, KP)
     lvl, b, off, d, a, kvalid = _tap_space(k, NUM_LEVELS, B0, B1, B2, B3, B4, B5, B6, B7, O1, O2, O3, O4, O5, O6, O7,
                                            K1, K2, K3, K4, K5, K6, K7, KT)
-    csc = _scale_of(b, W, ALIGN, IS_F64, acc_ty)  # [KP]
-    rsc = _scale_of(b, H, ALIGN, IS_F64, acc_ty)
+    csc = _linear_scale(b, W, ALIGN, IS_F64, acc_ty)  # [KP]
+    rsc = _linear_scale(b, H, ALIGN, IS_F64, acc_ty)
 
     # 1. M. q[n, o, 3 dy + dx, off_l + a b_l + c] at 64-bit offsets (int64 plane base, int64 index * stride).
     q_kf = (q_ptr + n * sqn + o64[None, :] * sqo
@@ -242,7 +204,7 @@ def _head_epilogue_kernel(
         xs = x + (dx - 1)
         inside = (xs >= 0) & (xs < W) & fmask  # [BLOCK_F]
         xs = tl.minimum(tl.maximum(xs, 0), W - 1)
-        iw0, iw1, lw0, lw1 = _tap_scaled(xs[None, :], csc[:, None], b[:, None], W, ALIGN, acc_ty)  # [KP, BLOCK_F]
+        iw0, iw1, lw0, lw1 = _linear_tap_scaled(xs[None, :], csc[:, None], b[:, None], W, ALIGN, acc_ty)  # [KP, BLOCK_F]
         lm = kvalid[:, None] & inside[None, :]
         p = q_kf + (zero + dx).to(tl.int64) * sqt
         # Both taps are always read: a NaN behind a zero weight reaches the output, as in PyTorch.

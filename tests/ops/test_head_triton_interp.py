@@ -7,27 +7,18 @@ compiled kernels there) or where triton was already imported in compiled mode. S
 runs every block operation in numpy.
 """
 
-import os
-import sys
-
 import pytest
 
-import torch
+from . import require_interpreted, triton_interpreter
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("a CUDA device is present: the Triton backend is tested on it by the other test files",
-                allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton already imported without TRITON_INTERPRET=1; run this file in its own pytest process",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+triton = triton_interpreter()
+
+import torch  # noqa: E402
 
 from pspnet_fast import reference  # noqa: E402
 from pspnet_fast.kernels import head_triton as ht  # noqa: E402
 
-if type(ht._head_epilogue_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("head_triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+require_interpreted(ht._head_epilogue_kernel, "head_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------
