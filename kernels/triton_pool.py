@@ -148,13 +148,18 @@ def _seg_level(acc, rs, seg_lo, seg_hi, H, W, B: tl.constexpr, BP: tl.constexpr,
     # Adds the elementary row segment [seg_lo, seg_hi), rs [BLOCK_C, BLOCK_W] its row sum (lane w = column w; lanes
     # w >= W fall in no bin), to the level's [BLOCK_C, BP, BP] bin sums. Segment bounds include every bin bound, so
     # each row bin holds the whole segment or none of it. Selections: a NaN reaches only the bins holding it.
+    # The column-bin sums one bin at a time (a loop over the B bins, [BLOCK_C, BLOCK_W] live values), not as one
+    # [BLOCK_C, BLOCK_W, BP] selection: the registers of a row tile, no spills at 16-byte channels_last tiles.
     k = tl.arange(0, BP)
     valid = k < B
-    c_lo = (k * W) // B
-    c_hi = tl.where(valid, ((k + 1) * W + B - 1) // B, 0)
     w = tl.arange(0, BLOCK_W)
-    in_col = (w[:, None] >= c_lo[None, :]) & (w[:, None] < c_hi[None, :])  # [BLOCK_W, BP]
-    part = tl.sum(tl.where(in_col[None, :, :], rs[:, :, None], 0.0), axis=1)  # [BLOCK_C, BP]
+    part = tl.zeros([rs.shape[0], BP], rs.dtype)  # [BLOCK_C, BP]
+    for kk in range(0, B):
+        c_lo = (kk * W) // B
+        c_hi = ((kk + 1) * W + B - 1) // B
+        in_col = (w >= c_lo) & (w < c_hi)  # [BLOCK_W]
+        col_sum = tl.sum(tl.where(in_col[None, :], rs, 0.0), axis=1)  # [BLOCK_C]
+        part = tl.where((k == kk)[None, :], col_sum[:, None], part)
     r_lo = (k * H) // B
     r_hi = tl.where(valid, ((k + 1) * H + B - 1) // B, 0)
     in_row = (r_lo <= seg_lo) & (seg_hi <= r_hi)  # [BP]
