@@ -1,7 +1,7 @@
 """Shared helpers of the Triton kernels: @triton.jit division, level lookup and bilinear taps; host-side registration.
 
 Used by triton_pool, triton_reduce, triton_upsample, triton_backward, ppm_triton and head_triton: the device helpers
-(_div, _level_by_id, _linear_scale, _linear_tap_scaled, _linear_tap), the constants (MAX_LEVELS, the dtypes accepted) and the host helpers (wrap_triton,
+(_div, _div_count, _level_by_id, _linear_scale, _linear_tap_scaled, _linear_tap), the constants (MAX_LEVELS, the dtypes accepted) and the host helpers (wrap_triton,
 _register, _check_bins, _bins_meta, _pool_blocks, _suggest_memory_format).
 
 Bins travel to the kernels as compile-time constants: NUM_LEVELS, B0..B7 (unused levels are 1) and the column
@@ -42,6 +42,35 @@ def _div(a, b, IS_F64: tl.constexpr):
         return a / b
     else:
         return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _div_count(a, k):
+    # a / k rounded to nearest (what div.rn.f32 gives) for float32 a and float32 divisors k > 0 (pooling window
+    # counts), broadcast together, without div.rn: its slow-path subroutine CALLs make ptxas spill the values live
+    # across them. q0 = float32(a * r), r ~ 1/k (approximate division, then one float64 Newton step: relative error
+    # < 2^-40), is within one ulp of a / k, so RN(a / k) is q0 or a float32 neighbour of it; the one of the three
+    # with the smallest |a - q k| is chosen (ties: the even one). The residuals are exact in float64 (q k has at most
+    # 48 significant bits and a - q k is small against both), so the choice is exact, subnormal quotients included.
+    # a = +-inf or NaN: q0 is +-inf or NaN and stays (its residuals are NaN).
+    a, k = tl.broadcast(a, k)
+    k64 = k.to(tl.float64)
+    r = (1.0 / k).to(tl.float64)
+    r = r * (2.0 - k64 * r)
+    a64 = a.to(tl.float64)
+    q = (a64 * r).to(tl.float32)
+    bits = q.to(tl.int32, bitcast=True)
+    up = (bits + 1).to(tl.float32, bitcast=True)  # the neighbour of larger magnitude (same sign)
+    down = tl.where((bits & 0x7FFFFFFF) == 0, q, (bits - 1).to(tl.float32, bitcast=True))  # smaller magnitude
+    e = tl.abs(a64 - q.to(tl.float64) * k64)
+    e_up = tl.abs(a64 - up.to(tl.float64) * k64)
+    e_down = tl.abs(a64 - down.to(tl.float64) * k64)
+    odd = (bits & 1) != 0
+    take_down = (e_down < e) | ((e_down == e) & odd)
+    q = tl.where(take_down, down, q)
+    e = tl.where(take_down, e_down, e)
+    take_up = (e_up < e) | ((e_up == e) & ((q.to(tl.int32, bitcast=True) & 1) != 0))
+    return tl.where(take_up, up, q)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
 
-from .triton_common import (MAX_LEVELS, _POOL_DTYPES, _bins_meta, _check_bins, _div, _next_pow2, _pool_blocks,
+from .triton_common import (MAX_LEVELS, _POOL_DTYPES, _bins_meta, _check_bins, _div, _div_count, _next_pow2, _pool_blocks,
                             _register, wrap_triton)
 
 
@@ -50,7 +50,10 @@ def _pool_level_store(out_rows, cmask, acc, H, W, OFF: tl.constexpr, B: tl.const
     kw = ((k + 1) * W + B - 1) // B - (k * W) // B
     kh = tl.where(valid, kh, 1).to(acc.dtype)
     kw = tl.where(valid, kw, 1).to(acc.dtype)
-    v = _div(_div(acc, kh[None, :, None], IS_F64), kw[None, None, :], IS_F64)
+    if IS_F64:
+        v = _div(_div(acc, kh[None, :, None], IS_F64), kw[None, None, :], IS_F64)
+    else:
+        v = _div_count(_div_count(acc, kh[None, :, None]), kw[None, None, :])  # div.rn's values, no slow-path calls
     col = OFF + k[:, None] * B + k[None, :]  # [BP, BP]
     mask = cmask[:, None, None] & valid[None, :, None] & valid[None, None, :]
     tl.store(out_rows[:, None, None] + col[None, :, :], v, mask=mask)

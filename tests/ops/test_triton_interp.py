@@ -201,6 +201,38 @@ def test_linear_tap_scalar_and_scaled_forms(dt, align_corners):
         assert torch.equal(res[4:, :out], want), (inp, out)
 
 
+@triton.jit
+def _div_count_probe_kernel(a_ptr, k_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    a = tl.load(a_ptr + i, mask=m, other=0.0)
+    k = tl.load(k_ptr + i, mask=m, other=1.0)
+    tl.store(out_ptr + i, tc._div_count(a, k), mask=m)
+
+
+def test_div_count_is_ieee_division():
+    # triton_common._div_count (the pooling means without div.rn's slow path) gives float32 a / k bit for bit, k the
+    # window counts: normal, huge and subnormal sums, exact halfway subnormal quotients (9 * 2^-149 / 6 = 1.5 * 2^-149:
+    # ties to even), zeros of both signs, +-inf, NaN, float32's largest value.
+    gen = torch.Generator().manual_seed(40)
+    tiny = 2.0 ** -149
+    a = torch.cat([
+        torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-30, 30, (4000,), generator=gen).float(),
+        torch.randint(-2 ** 24, 2 ** 24, (2000,), generator=gen).float(),  # integer sums (exact quotients)
+        torch.randint(-64, 64, (2000,), generator=gen).float() * tiny,  # subnormal sums
+        torch.tensor([9 * tiny, -9 * tiny, 3 * tiny, 5 * tiny, 0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                      torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny]),
+    ])
+    k = torch.randint(1, 200, (a.numel(),), generator=gen).float()
+    k[4000:4500] = torch.randint(1, 2 ** 24, (500,), generator=gen).float()
+    k[-12:] = torch.tensor([6.0, 6.0, 2.0, 2.0, 3.0, 7.0, 5.0, 3.0, 7.0, 1.0, 3.0, 3.0])
+    out = torch.empty_like(a)
+    _div_count_probe_kernel[(triton.cdiv(a.numel(), 1024),)](a, k, out, a.numel(), BLOCK=1024)
+    want = a / k
+    same = (out.view(torch.int32) == want.view(torch.int32)) | (torch.isnan(out) & torch.isnan(want))
+    assert bool(same.all()), (a[~same][:5], k[~same][:5], out[~same][:5], want[~same][:5])
+
+
 # (N, C, H, W), bins, align_corners: sizes below / not divisible by the bin counts, 1x1 maps, non-square, batch 0.
 F32_CASES = [
     ((2, 8, 5, 7), (1, 2, 3, 6), True),
