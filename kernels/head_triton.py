@@ -7,7 +7,8 @@ pspnet_fast/reference.py: head_context / head_epilogue / head_context_backward):
                                                                      -> grad_q (N, O, 9, S) float32 (float64)
 
 context(n, o, y, x) = sum_l sum_{dy, dx} [0 <= y+dy-1 < H][0 <= x+dx-1 < W] up_l(q[n, o, 3 dy + dx, level l])(y+dy-1,
-x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (triton_common._linear_tap).
+x+dx-1), up_l the bilinear upsample of the b_l x b_l map to H x W with ATen's index rules (triton_common._linear_scale,
+_linear_tap_scaled).
 
 Both kernels work in a "tap space" shared by rows and columns: level l owns the 3 * b_l entries
 k in [K_l, K_l + 3 b_l), K_l = 3 * sum_{j<l} b_j, and k - K_l = d * b_l + a with d the tap offset (dy for rows, dx for
@@ -31,7 +32,8 @@ import triton
 import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
-from .triton_common import MAX_LEVELS, _bins_meta, _div, _level_by_id, _linear_tap, _next_pow2, _register, wrap_triton
+from .triton_common import (MAX_LEVELS, _bins_meta, _level_by_id, _linear_scale, _linear_tap_scaled, _next_pow2, _register,
+                            wrap_triton)
 
 __all__ = ["head_epilogue", "head_context_backward"]
 
@@ -102,70 +104,30 @@ def _tap_space(k, NUM_LEVELS: tl.constexpr,
 
 
 @triton.jit
-def _tap_weights(pos, d, a, b, valid, EXTENT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+def _tap_weights_scaled(pos, d, a, b, valid, scale, EXTENT, ALIGN: tl.constexpr, dt: tl.constexpr):
     # The bilinear weight of source bin a (of a b-bin level) at the shifted position pos + d - 1, 0 outside
-    # [0, EXTENT): (sel, w), broadcast of pos with (d, a, b, valid). sel marks the (at most 2) bins the position's taps
-    # read, so that a NaN there reaches the sum even where its weight is 0 (as PyTorch).
+    # [0, EXTENT), with the level's scale given (_linear_scale(b, EXTENT): one division per entry and program, none
+    # per element): (sel, w), broadcast of pos with (d, a, b, valid, scale). sel marks the (at most 2) bins the
+    # position's taps read, so that a NaN there reaches the sum even where its weight is 0 (as PyTorch).
     src = pos + d - 1
     inside = (src >= 0) & (src < EXTENT) & valid
-    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)  # the tap arithmetic on an index it is defined for
-    i0, i1, l0, l1 = _linear_tap(src, b, EXTENT, ALIGN, IS_F64, dt)
+    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)
+    i0, i1, l0, l1 = _linear_tap_scaled(src, scale, b, EXTENT, ALIGN, dt)
     s0 = inside & (a == i0)
     s1 = inside & (a == i1)
     w = tl.where(s0, l0, 0.0) + tl.where(s1, l1, 0.0)
     return s0 | s1, w
+
+
+@triton.jit
+def _tap_weights(pos, d, a, b, valid, EXTENT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # _tap_weights_scaled with the scale computed here.
+    return _tap_weights_scaled(pos, d, a, b, valid, _linear_scale(b, EXTENT, ALIGN, IS_F64, dt), EXTENT, ALIGN, dt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # head_epilogue: out = act((z + context(q)) * scale + shift)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scale_of(IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
-    # ppm_math.h linear_scale for source extents IN ([KP], the levels' bin counts) and destination extent OUT: one
-    # IEEE division per tap-space entry and program, none per element.
-    if ALIGN:
-        num = (IN - 1).to(dt)
-        den = tl.cast(tl.maximum(OUT - 1, 1), dt)
-        return tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
-    else:
-        return _div(IN.to(dt), tl.cast(OUT, dt), IS_F64)
-
-
-@triton.jit
-def _tap_scaled(dst, scale, IN, OUT, ALIGN: tl.constexpr, dt: tl.constexpr):
-    # _linear_tap with the scale given (broadcast of dst with scale and IN): the same arithmetic, in the same order.
-    if ALIGN:
-        src = scale * dst.to(dt)
-    else:
-        src = scale * (dst.to(dt) + 0.5) - 0.5
-        src = tl.where(src < 0.0, 0.0, src)
-    i0 = tl.minimum(src.to(tl.int32), IN - 1)
-    l1 = src - i0.to(dt)
-    l1 = tl.where(l1 < 0.0, 0.0, l1)
-    l1 = tl.where(l1 > 1.0, 1.0, l1)
-    l0 = 1.0 - l1
-    i1 = i0 + (i0 < IN - 1).to(tl.int32)
-    same = IN == OUT  # a dimension that keeps its size is copied (ATen), no neighbour tap
-    i0 = tl.where(same, dst, i0)
-    i1 = tl.where(same, dst, i1)
-    l0 = tl.where(same, 1.0, l0)
-    l1 = tl.where(same, 0.0, l1)
-    return i0, i1, l0, l1
-
-
-@triton.jit
-def _tap_weights_scaled(pos, d, a, b, valid, scale, EXTENT, ALIGN: tl.constexpr, dt: tl.constexpr):
-    # _tap_weights with the per-entry scale given: (sel, w) of source bin a at the shifted position pos + d - 1.
-    src = pos + d - 1
-    inside = (src >= 0) & (src < EXTENT) & valid
-    src = tl.minimum(tl.maximum(src, 0), EXTENT - 1)
-    i0, i1, l0, l1 = _tap_scaled(src, scale, b, EXTENT, ALIGN, dt)
-    s0 = inside & (a == i0)
-    s1 = inside & (a == i1)
-    w = tl.where(s0, l0, 0.0) + tl.where(s1, l1, 0.0)
-    return s0 | s1, w
 
 
 @triton.jit
@@ -178,6 +140,40 @@ def _epi_store(ctx, z_ptr, out_ptr, zoff, ooff, m, sc, sh, HAS_AFFINE: tl.conste
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
     tl.store(out_ptr + ooff, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _epi_store_win(ctx, z_ptr, out_ptr, e0, j, fbase, xw0, W, row_ok, sc, sh, HAS_AFFINE: tl.constexpr,
+                   RELU: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr, AXIS: tl.constexpr):
+    # The epilogue of one tile on 16-byte-aligned row windows (z and out share their strides, rows contiguous).
+    # ctx: the context in column lanes (lane j of a channel: column xw0 + j); e0: the flat offset of column 0 of each
+    # lane's row (int64, broadcast to ctx); j: the lane within its channel's BLOCK_X lanes, fbase = the channel's
+    # first lane. The window of a row starts at the VEC-aligned flat offset A = e0 - s at or below its column 0
+    # (s = e0 mod VEC), shifted by xw0: lane j holds column xw0 + j - s, gathered from ctx lane j - s (one
+    # in-register gather per tile). Chunks of VEC lanes wholly inside the row and owned (lane >= LEAD) are loaded and
+    # stored as 16-byte vectors (their masks are VEC-constant, their addresses VEC-aligned); the partial chunks at
+    # the row's ends (the peel) element by element.
+    a = (e0 // VEC) * VEC  # divisible by VEC by construction (Triton's axis analysis sees it)
+    sft = (e0 - a).to(tl.int32)
+    t = tl.gather(ctx, fbase + tl.maximum(j - sft, 0), AXIS)
+    col = xw0 + j - sft
+    own = row_ok & (j >= LEAD) & (col >= 0) & (col < W)
+    c0 = (j // VEC) * VEC
+    ccol = xw0 + c0 - sft
+    full = row_ok & (c0 >= LEAD) & (ccol >= 0) & (ccol + VEC <= W)
+    peel = own & (full == 0)
+    off = a + xw0 + j
+    zv = tl.load(z_ptr + off, mask=full, other=0.0)
+    zv = tl.where(full, zv, tl.load(z_ptr + off, mask=peel, other=0.0))
+    v = zv.to(t.dtype) + t
+    if HAS_AFFINE:
+        v = v * sc
+        v = v + sh
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
+    v = v.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + off, v, mask=full)
+    tl.store(out_ptr + off, v, mask=peel)
 
 
 @triton.jit
@@ -197,7 +193,7 @@ def _head_epilogue_kernel(
     K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr,
     K5: tl.constexpr, K6: tl.constexpr, K7: tl.constexpr, KT: tl.constexpr,
     ALIGN: tl.constexpr, IS_F64: tl.constexpr, HAS_AFFINE: tl.constexpr, RELU: tl.constexpr,
-    USE_DOT: tl.constexpr, O_INNER: tl.constexpr,
+    USE_DOT: tl.constexpr, O_INNER: tl.constexpr, WIN: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
 ):
     # Grid: (N * cdiv(W, BLOCK_X) * cdiv(O, BLOCK_O),). A program owns the columns f of BLOCK_F = BLOCK_O * BLOCK_X
@@ -209,6 +205,11 @@ def _head_epilogue_kernel(
     #      [ROWS, KP] x [KP, BLOCK_F] product (exact fp32 products and sums); otherwise (a NaN or inf in M, float64)
     #      row by row as a selection-sum, so that a non-finite q reaches exactly the outputs whose taps read it;
     #   3. the epilogue act((z + context) * scale + shift) on the tile.
+    # WIN (contiguous rows whose starts are not all 16-byte aligned, e.g. 90x90 bfloat16; z and out share strides):
+    # the program's rows are 16-byte-aligned windows (_epi_store_win), so that the loads of z and the stores of out
+    # are 16-byte vectors at any W, a masked peel at the rows' ends. Program xb's M lanes are columns
+    # xw0 + j, xw0 = xb * (BLOCK_X - LEAD) - LEAD: one program a row (LEAD = 0) where W + VEC - 1 <= BLOCK_X, else
+    # programs BLOCK_X - VEC columns apart whose first VEC lanes (LEAD = VEC) only feed the shifted windows.
     pid = tl.program_id(0)
     ob = pid % n_oblocks
     t = pid // n_oblocks
@@ -219,20 +220,21 @@ def _head_epilogue_kernel(
     BLOCK_F: tl.constexpr = BLOCK_O * BLOCK_X
 
     f = tl.arange(0, BLOCK_F)
+    xw0 = xb * (BLOCK_X - LEAD) - LEAD  # WIN: the column of lane 0 (LEAD = 0 otherwise: xb * BLOCK_X)
     if O_INNER:
         o = ob * BLOCK_O + f % BLOCK_O
         x = xb * BLOCK_X + f // BLOCK_O
     else:
         o = ob * BLOCK_O + f // BLOCK_X
-        x = xb * BLOCK_X + f % BLOCK_X
-    fmask = (o < O) & (x < W)
+        x = xw0 + f % BLOCK_X
+    fmask = (o < O) & (x >= 0) & (x < W)
     o64 = o.to(tl.int64)
     x64 = x.to(tl.int64)
     k = tl.arange(0, KP)
     lvl, b, off, d, a, kvalid = _tap_space(k, NUM_LEVELS, B0, B1, B2, B3, B4, B5, B6, B7, O1, O2, O3, O4, O5, O6, O7,
                                            K1, K2, K3, K4, K5, K6, K7, KT)
-    csc = _scale_of(b, W, ALIGN, IS_F64, acc_ty)  # [KP]
-    rsc = _scale_of(b, H, ALIGN, IS_F64, acc_ty)
+    csc = _linear_scale(b, W, ALIGN, IS_F64, acc_ty)  # [KP]
+    rsc = _linear_scale(b, H, ALIGN, IS_F64, acc_ty)
 
     # 1. M. q[n, o, 3 dy + dx, off_l + a b_l + c] at 64-bit offsets (int64 plane base, int64 index * stride).
     q_kf = (q_ptr + n * sqn + o64[None, :] * sqo
@@ -242,7 +244,7 @@ def _head_epilogue_kernel(
         xs = x + (dx - 1)
         inside = (xs >= 0) & (xs < W) & fmask  # [BLOCK_F]
         xs = tl.minimum(tl.maximum(xs, 0), W - 1)
-        iw0, iw1, lw0, lw1 = _tap_scaled(xs[None, :], csc[:, None], b[:, None], W, ALIGN, acc_ty)  # [KP, BLOCK_F]
+        iw0, iw1, lw0, lw1 = _linear_tap_scaled(xs[None, :], csc[:, None], b[:, None], W, ALIGN, acc_ty)  # [KP, BLOCK_F]
         lm = kvalid[:, None] & inside[None, :]
         p = q_kf + (zero + dx).to(tl.int64) * sqt
         # Both taps are always read: a NaN behind a zero weight reaches the output, as in PyTorch.
@@ -253,10 +255,13 @@ def _head_epilogue_kernel(
     sc = tl.zeros([BLOCK_F], acc_ty)
     sh = tl.zeros([BLOCK_F], acc_ty)
     if HAS_AFFINE:
-        sc = tl.load(scale_ptr + o64 * ssc, mask=fmask, other=0.0)
-        sh = tl.load(shift_ptr + o64 * ssh, mask=fmask, other=0.0)
+        sc = tl.load(scale_ptr + o64 * ssc, mask=o < O, other=0.0)  # WIN: lanes of masked columns hold owned ones
+        sh = tl.load(shift_ptr + o64 * ssh, mask=o < O, other=0.0)
     z_f = n * szn + o64 * szo + x64 * szw  # [BLOCK_F] offsets at row 0
     o_f = n * son + o64 * soo + x64 * sow
+    e_f = n * son + o64 * soo  # WIN: the flat offsets of the channels' planes
+    jw = f % BLOCK_X
+    fbase = f - jw
 
     finite = False  # float64 (or forced): the selection path
     if USE_DOT:
@@ -269,16 +274,25 @@ def _head_epilogue_kernel(
                                         rsc[None, :], H, ALIGN, acc_ty)  # [ROWS, KP], 0 outside the image
             ctx = tl.dot(wr, M, input_precision="ieee")  # [ROWS, BLOCK_F]
             yy64 = yy.to(tl.int64)
-            m = (yy < H)[:, None] & fmask[None, :]
-            _epi_store(ctx, z_ptr, out_ptr, z_f[None, :] + yy64[:, None] * szh, o_f[None, :] + yy64[:, None] * soh,
-                       m, sc[None, :], sh[None, :], HAS_AFFINE, RELU)
+            if WIN:
+                _epi_store_win(ctx, z_ptr, out_ptr, e_f[None, :] + yy64[:, None] * soh, jw[None, :], fbase[None, :],
+                               xw0, W, (yy < H)[:, None] & (o < O)[None, :], sc[None, :], sh[None, :], HAS_AFFINE,
+                               RELU, VEC, LEAD, 1)
+            else:
+                m = (yy < H)[:, None] & fmask[None, :]
+                _epi_store(ctx, z_ptr, out_ptr, z_f[None, :] + yy64[:, None] * szh,
+                           o_f[None, :] + yy64[:, None] * soh, m, sc[None, :], sh[None, :], HAS_AFFINE, RELU)
     else:
         for yi in range(0, H):
             y = zero + yi
             sel, wr = _tap_weights_scaled(y, d, a, b, kvalid, rsc, H, ALIGN, acc_ty)  # [KP]
             ctx = tl.sum(tl.where(sel[:, None], wr[:, None] * M, 0.0), axis=0)  # [BLOCK_F]
             y64 = y.to(tl.int64)
-            _epi_store(ctx, z_ptr, out_ptr, z_f + y64 * szh, o_f + y64 * soh, fmask, sc, sh, HAS_AFFINE, RELU)
+            if WIN:
+                _epi_store_win(ctx, z_ptr, out_ptr, e_f + y64 * soh, jw, fbase, xw0, W, o < O, sc, sh, HAS_AFFINE,
+                               RELU, VEC, LEAD, 0)
+            else:
+                _epi_store(ctx, z_ptr, out_ptr, z_f + y64 * szh, o_f + y64 * soh, fmask, sc, sh, HAS_AFFINE, RELU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,12 +425,30 @@ def _check_map(t: torch.Tensor, name: str, op: str):
         raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
-def _epilogue_blocks(O: int, W: int, bins: Sequence[int], is_f64: bool, channels_last: bool):
-    """(BLOCK_O, BLOCK_X, KP) of the epilogue: M [KP, BLOCK_O * BLOCK_X] within _FWD_BUDGET, KP >= 16 and
-    BLOCK_O * BLOCK_X >= 16 (tl.dot). Contiguous z: BLOCK_X from W, the fewest masked columns among the three widest
-    powers of two (ties to the wider), channels fill the block; channels_last: channels first."""
+def _epilogue_blocks(O: int, W: int, bins: Sequence[int], is_f64: bool, channels_last: bool, vec: int = 1):
+    """(BLOCK_O, BLOCK_X, KP, LEAD, n_xblocks) of the epilogue: M [KP, BLOCK_O * BLOCK_X] within _FWD_BUDGET,
+    KP >= 16 and BLOCK_O * BLOCK_X >= 16 (tl.dot). Contiguous z: BLOCK_X from W, the fewest masked columns among the
+    three widest powers of two (ties to the wider), channels fill the block; channels_last: channels first.
+    vec > 1 (the windowed rows, WIN, vec elements a 16-byte chunk): the fewest computed columns n_xblocks * BLOCK_X,
+    one program a row (LEAD = 0) where W + vec - 1 <= BLOCK_X, else BLOCK_X - vec columns a program (LEAD = vec)."""
     kp = max(16, _next_pow2(3 * sum(bins)))
     block_f = max(16, min(_FWD_BLOCK_F[is_f64], _FWD_BUDGET[is_f64] // kp))
+    if vec > 1 and not channels_last:
+        best = None
+        bx = max(16, 2 * vec)
+        while bx <= max(block_f, 2 * vec):
+            lead = 0 if W + vec - 1 <= bx else vec
+            nxb = triton.cdiv(W + vec - 1, bx - lead) if lead else 1
+            if best is None or nxb * bx < best[0] * best[1] or (nxb * bx == best[0] * best[1] and bx > best[1]):
+                best = (nxb, bx, lead)
+            if lead == 0:
+                break
+            bx *= 2
+        nxb, block_x, lead = best
+        block_o = max(1, min(_next_pow2(O), block_f // block_x))
+        if block_o * block_x < 16:
+            block_o = 16 // block_x
+        return block_o, block_x, kp, lead, nxb
     if channels_last:
         block_o = min(_next_pow2(O), block_f // 2)
         block_x = max(block_f // block_o, 1)
@@ -427,7 +459,19 @@ def _epilogue_blocks(O: int, W: int, bins: Sequence[int], is_f64: bool, channels
         block_o = max(1, min(_next_pow2(O), block_f // block_x))
     if block_o * block_x < 16:  # tl.dot needs N >= 16: masked columns
         block_x *= 16 // (block_o * block_x)
-    return block_o, block_x, kp
+    return block_o, block_x, kp, 0, triton.cdiv(W, block_x)
+
+
+def _window_vec(z: torch.Tensor, out: torch.Tensor, channels_last: bool) -> int:
+    """VEC (elements a 16-byte chunk) of the windowed epilogue (WIN) for z and its output, or 1: contiguous rows
+    (z and out with the same strides, stride(3) == 1, stride(2) == W) whose starts are not all 16-byte aligned."""
+    N, O, H, W = z.shape
+    vec = 16 // z.element_size()
+    if channels_last or vec <= 1 or z.stride() != out.stride() or out.stride(3) != 1 or (H > 1 and out.stride(2) != W):
+        return 1
+    if all(st % vec == 0 for st, size in zip(out.stride()[:3], out.shape[:3]) if size > 1):
+        return 1  # every row starts at a 16-byte boundary: the column blocks vectorize as they are
+    return vec
 
 
 @_register("pspnet_fast::triton_head_epilogue")
@@ -466,10 +510,11 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
         return out
 
     meta = _tap_meta(bins)
-    block_o, block_x, kp = _epilogue_blocks(O, W, bins, is_f64, channels_last)
+    vec = _window_vec(z, out, channels_last)
+    block_o, block_x, kp, lead, n_xblocks = _epilogue_blocks(O, W, bins, is_f64, channels_last, vec)
     block_f = block_o * block_x
     rows = _FWD_ROWS
-    n_oblocks, n_xblocks = triton.cdiv(O, block_o), triton.cdiv(W, block_x)
+    n_oblocks = triton.cdiv(O, block_o)
     sc = scale if has_affine else q
     sh = shift if has_affine else q
     grid = (N * n_xblocks * n_oblocks,)
@@ -482,7 +527,7 @@ def _triton_head_epilogue(z: torch.Tensor, q: torch.Tensor, bins: List[int], ali
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         n_oblocks, n_xblocks,
         ALIGN=bool(align_corners), IS_F64=is_f64, HAS_AFFINE=has_affine, RELU=bool(relu),
-        USE_DOT=_FWD_USE_DOT and not is_f64, O_INNER=channels_last,
+        USE_DOT=_FWD_USE_DOT and not is_f64, O_INNER=channels_last, WIN=vec > 1, VEC=vec, LEAD=lead,
         BLOCK_O=block_o, BLOCK_X=block_x, KP=kp, ROWS=rows,
         num_warps=8 if block_f * kp >= 4096 else 4,
         **meta,

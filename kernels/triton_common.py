@@ -1,7 +1,7 @@
 """Shared helpers of the Triton kernels: @triton.jit division, level lookup and bilinear taps; host-side registration.
 
 Used by triton_pool, triton_reduce, triton_upsample, triton_backward, ppm_triton and head_triton: the device helpers
-(_div, _level_by_id, _linear_tap), the constants (MAX_LEVELS, the dtypes accepted) and the host helpers (wrap_triton,
+(_div, _div_count, _level_by_id, _linear_scale, _linear_tap_scaled, _linear_tap), the constants (MAX_LEVELS, the dtypes accepted) and the host helpers (wrap_triton,
 _register, _check_bins, _bins_meta, _pool_blocks, _suggest_memory_format).
 
 Bins travel to the kernels as compile-time constants: NUM_LEVELS, B0..B7 (unused levels are 1) and the column
@@ -45,6 +45,35 @@ def _div(a, b, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _div_count(a, k):
+    # a / k rounded to nearest (what div.rn.f32 gives) for float32 a and float32 divisors k > 0 (pooling window
+    # counts), broadcast together, without div.rn: its slow-path subroutine CALLs make ptxas spill the values live
+    # across them. q0 = float32(a * r), r ~ 1/k (approximate division, then one float64 Newton step: relative error
+    # < 2^-40), is within one ulp of a / k, so RN(a / k) is q0 or a float32 neighbour of it; the one of the three
+    # with the smallest |a - q k| is chosen (ties: the even one). The residuals are exact in float64 (q k has at most
+    # 48 significant bits and a - q k is small against both), so the choice is exact, subnormal quotients included.
+    # a = +-inf or NaN: q0 is +-inf or NaN and stays (its residuals are NaN).
+    a, k = tl.broadcast(a, k)
+    k64 = k.to(tl.float64)
+    r = (1.0 / k).to(tl.float64)
+    r = r * (2.0 - k64 * r)
+    a64 = a.to(tl.float64)
+    q = (a64 * r).to(tl.float32)
+    bits = q.to(tl.int32, bitcast=True)
+    up = (bits + 1).to(tl.float32, bitcast=True)  # the neighbour of larger magnitude (same sign)
+    down = tl.where((bits & 0x7FFFFFFF) == 0, q, (bits - 1).to(tl.float32, bitcast=True))  # smaller magnitude
+    e = tl.abs(a64 - q.to(tl.float64) * k64)
+    e_up = tl.abs(a64 - up.to(tl.float64) * k64)
+    e_down = tl.abs(a64 - down.to(tl.float64) * k64)
+    odd = (bits & 1) != 0
+    take_down = (e_down < e) | ((e_down == e) & odd)
+    q = tl.where(take_down, down, q)
+    e = tl.where(take_down, e_down, e)
+    take_up = (e_up < e) | ((e_up == e) & ((q.to(tl.int32, bitcast=True) & 1) != 0))
+    return tl.where(take_up, up, q)
+
+
+@triton.jit
 def _level_by_id(l, NUM_LEVELS: tl.constexpr,
                  B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
                  B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
@@ -78,17 +107,25 @@ def _level_by_id(l, NUM_LEVELS: tl.constexpr,
 
 
 @triton.jit
-def _linear_tap(dst, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
-    # ppm_math.h linear_scale / linear_source / linear_tap for destination indices dst ([BLOCK], int32), with IN the
-    # source extent (runtime scalar) and OUT the destination extent, in op-math type dt (float32 / float64).
-    # src >= 0 always, so truncation is floor.
+def _linear_scale(IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # ppm_math.h linear_scale: the source step per destination index, for source extent IN (a runtime scalar, or a
+    # tensor of extents, e.g. the levels' bin counts) and destination extent OUT, in op-math type dt. One IEEE
+    # division: callers that need taps for many destinations of one extent compute it once and use _linear_tap_scaled.
     if ALIGN:
         num = tl.cast(IN - 1, dt)
         den = tl.cast(tl.maximum(OUT - 1, 1), dt)
-        scale = tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
+        return tl.where(OUT > 1, _div(num, den, IS_F64), 0.0)
+    else:
+        return _div(tl.cast(IN, dt), tl.cast(OUT, dt), IS_F64)
+
+
+@triton.jit
+def _linear_tap_scaled(dst, scale, IN, OUT, ALIGN: tl.constexpr, dt: tl.constexpr):
+    # ppm_math.h linear_source / linear_tap for destination indices dst (int32) with the scale given
+    # (_linear_scale(IN, OUT)); dst, scale and IN broadcast together. src >= 0 always, so truncation is floor.
+    if ALIGN:
         src = scale * dst.to(dt)
     else:
-        scale = _div(tl.cast(IN, dt), tl.cast(OUT, dt), IS_F64)
         src = scale * (dst.to(dt) + 0.5) - 0.5
         src = tl.where(src < 0.0, 0.0, src)
     i0 = tl.minimum(src.to(tl.int32), IN - 1)
@@ -103,6 +140,13 @@ def _linear_tap(dst, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.
     l0 = tl.where(same, 1.0, l0)
     l1 = tl.where(same, 0.0, l1)
     return i0, i1, l0, l1
+
+
+@triton.jit
+def _linear_tap(dst, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, dt: tl.constexpr):
+    # ppm_math.h linear_scale / linear_source / linear_tap for destination indices dst ([BLOCK], int32), with IN the
+    # source extent and OUT the destination extent, in op-math type dt (float32 / float64): (i0, i1, l0, l1).
+    return _linear_tap_scaled(dst, _linear_scale(IN, OUT, ALIGN, IS_F64, dt), IN, OUT, ALIGN, dt)
 
 
 # ----------------------------------------------------------------------------------------------------------------

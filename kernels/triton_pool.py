@@ -13,7 +13,7 @@ import triton.language as tl
 
 from pspnet_fast import _checks  # the ops' argument checks, shared with the C++ kernels and the fake kernels
 
-from .triton_common import (MAX_LEVELS, _POOL_DTYPES, _bins_meta, _check_bins, _div, _next_pow2, _pool_blocks,
+from .triton_common import (MAX_LEVELS, _POOL_DTYPES, _bins_meta, _check_bins, _div, _div_count, _next_pow2, _pool_blocks,
                             _register, wrap_triton)
 
 
@@ -50,7 +50,10 @@ def _pool_level_store(out_rows, cmask, acc, H, W, OFF: tl.constexpr, B: tl.const
     kw = ((k + 1) * W + B - 1) // B - (k * W) // B
     kh = tl.where(valid, kh, 1).to(acc.dtype)
     kw = tl.where(valid, kw, 1).to(acc.dtype)
-    v = _div(_div(acc, kh[None, :, None], IS_F64), kw[None, None, :], IS_F64)
+    if IS_F64:
+        v = _div(_div(acc, kh[None, :, None], IS_F64), kw[None, None, :], IS_F64)
+    else:
+        v = _div_count(_div_count(acc, kh[None, :, None]), kw[None, None, :])  # div.rn's values, no slow-path calls
     col = OFF + k[:, None] * B + k[None, :]  # [BP, BP]
     mask = cmask[:, None, None] & valid[None, :, None] & valid[None, None, :]
     tl.store(out_rows[:, None, None] + col[None, :, :], v, mask=mask)
@@ -148,13 +151,18 @@ def _seg_level(acc, rs, seg_lo, seg_hi, H, W, B: tl.constexpr, BP: tl.constexpr,
     # Adds the elementary row segment [seg_lo, seg_hi), rs [BLOCK_C, BLOCK_W] its row sum (lane w = column w; lanes
     # w >= W fall in no bin), to the level's [BLOCK_C, BP, BP] bin sums. Segment bounds include every bin bound, so
     # each row bin holds the whole segment or none of it. Selections: a NaN reaches only the bins holding it.
+    # The column-bin sums one bin at a time (a loop over the B bins, [BLOCK_C, BLOCK_W] live values), not as one
+    # [BLOCK_C, BLOCK_W, BP] selection: the registers of a row tile, no spills at 16-byte channels_last tiles.
     k = tl.arange(0, BP)
     valid = k < B
-    c_lo = (k * W) // B
-    c_hi = tl.where(valid, ((k + 1) * W + B - 1) // B, 0)
     w = tl.arange(0, BLOCK_W)
-    in_col = (w[:, None] >= c_lo[None, :]) & (w[:, None] < c_hi[None, :])  # [BLOCK_W, BP]
-    part = tl.sum(tl.where(in_col[None, :, :], rs[:, :, None], 0.0), axis=1)  # [BLOCK_C, BP]
+    part = tl.zeros([rs.shape[0], BP], rs.dtype)  # [BLOCK_C, BP]
+    for kk in range(0, B):
+        c_lo = (kk * W) // B
+        c_hi = ((kk + 1) * W + B - 1) // B
+        in_col = (w >= c_lo) & (w < c_hi)  # [BLOCK_W]
+        col_sum = tl.sum(tl.where(in_col[None, :], rs, 0.0), axis=1)  # [BLOCK_C]
+        part = tl.where((k == kk)[None, :], col_sum[:, None], part)
     r_lo = (k * H) // B
     r_hi = tl.where(valid, ((k + 1) * H + B - 1) // B, 0)
     in_row = (r_lo <= seg_lo) & (seg_hi <= r_hi)  # [BP]
@@ -262,16 +270,8 @@ def _pyramid_pool_kernel(
     y_img = y_ptr + n * syn + (zero + Y0).to(tl.int64) * syc
     x_end = (zero + C).to(tl.int64) * sxc  # COPY_FLAT: the end of x's channels (flat, in elements)
 
-    # Lane shifts of the row classes (DENSE), S_k = (r * sxc + k * W) mod VEC.
+    # Lane shift of row class k (DENSE): S_k = (r * sxc + k * W) mod VEC.
     cls0 = (r.to(tl.int64) * sxc) % VEC
-    S0 = cls0 % VEC
-    S1 = (cls0 + 1 * W) % VEC
-    S2 = (cls0 + 2 * W) % VEC
-    S3 = (cls0 + 3 * W) % VEC
-    S4 = (cls0 + 4 * W) % VEC
-    S5 = (cls0 + 5 * W) % VEC
-    S6 = (cls0 + 6 * W) % VEC
-    S7 = (cls0 + 7 * W) % VEC
 
     acc0 = tl.zeros([BLOCK_C, BP0, BP0], acc_ty)
     acc1 = tl.zeros([BLOCK_C, BP1, BP1], acc_ty)
@@ -281,14 +281,6 @@ def _pyramid_pool_kernel(
     acc5 = tl.zeros([BLOCK_C, BP5, BP5], acc_ty)
     acc6 = tl.zeros([BLOCK_C, BP6, BP6], acc_ty)
     acc7 = tl.zeros([BLOCK_C, BP7, BP7], acc_ty)
-    RS0 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS1 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS2 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS3 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS4 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS5 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS6 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-    RS7 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
     seg_lo = zero
     while seg_lo < H:
         # The elementary row segment [seg_lo, seg_hi): up to the next row-bin bound of any level (scalar arithmetic
@@ -310,54 +302,22 @@ def _pyramid_pool_kernel(
             seg_hi = tl.minimum(seg_hi, _next_bound(seg_lo, H, B7))
         if not POOL:
             seg_hi = zero + H
-        # Rows class by class (h = k mod P), each class into its own row sum: no per-row branch or selection.
-        RS0 = _pool_rows(RS0, 0, S0, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                         x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 1:
-            RS1 = _pool_rows(RS1, 1, S1, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 2:
-            RS2 = _pool_rows(RS2, 2, S2, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 3:
-            RS3 = _pool_rows(RS3, 3, S3, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 4:
-            RS4 = _pool_rows(RS4, 4, S4, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 5:
-            RS5 = _pool_rows(RS5, 5, S5, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 6:
-            RS6 = _pool_rows(RS6, 6, S6, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
-        if P > 7:
-            RS7 = _pool_rows(RS7, 7, S7, seg_lo, seg_hi, x_img, y_img, c64, cmask, j, sxc, sxh, sxw, syc, syh, syw,
-                             x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
+        # Rows class by class (h = k mod P), each class into its own row sum (no per-row branch or selection),
+        # realigned at the segment's end (one gather per class and segment) and added up. Only one class's row sum
+        # is live at a time besides class 0's and the sum of the others (none is carried across segments).
+        rs = _pool_rows(tl.zeros([BLOCK_C, BLOCK_W], acc_ty), 0, cls0, seg_lo, seg_hi, x_img, y_img, c64, cmask, j,
+                        sxc, sxh, sxw, syc, syh, syw, x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
+        others = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
+        for K in tl.static_range(1, P):
+            sk = (cls0 + K * W) % VEC
+            rk = _pool_rows(tl.zeros([BLOCK_C, BLOCK_W], acc_ty), K, sk, seg_lo, seg_hi, x_img, y_img, c64, cmask, j,
+                            sxc, sxh, sxw, syc, syh, syw, x_end, W, DENSE, VEC, P, POOL, COPY, COPY_FLAT)
+            if POOL:
+                others += _realign(rk, sk, VEC, BLOCK_C, BLOCK_W)
         if POOL:
-            rs = _realign(RS0, S0, VEC, BLOCK_C, BLOCK_W)
-            RS0 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
+            rs = _realign(rs, cls0, VEC, BLOCK_C, BLOCK_W)
             if P > 1:
-                rs += _realign(RS1, S1, VEC, BLOCK_C, BLOCK_W)
-                RS1 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 2:
-                rs += _realign(RS2, S2, VEC, BLOCK_C, BLOCK_W)
-                RS2 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 3:
-                rs += _realign(RS3, S3, VEC, BLOCK_C, BLOCK_W)
-                RS3 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 4:
-                rs += _realign(RS4, S4, VEC, BLOCK_C, BLOCK_W)
-                RS4 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 5:
-                rs += _realign(RS5, S5, VEC, BLOCK_C, BLOCK_W)
-                RS5 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 6:
-                rs += _realign(RS6, S6, VEC, BLOCK_C, BLOCK_W)
-                RS6 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
-            if P > 7:
-                rs += _realign(RS7, S7, VEC, BLOCK_C, BLOCK_W)
-                RS7 = tl.zeros([BLOCK_C, BLOCK_W], acc_ty)
+                rs += others  # realigned class 0 plus the (realigned) others
             acc0 = _seg_level(acc0, rs, seg_lo, seg_hi, H, W, B0, BP0, BLOCK_W)
             if NUM_LEVELS > 1:
                 acc1 = _seg_level(acc1, rs, seg_lo, seg_hi, H, W, B1, BP1, BLOCK_W)

@@ -7,27 +7,18 @@ compiled kernels there) or where triton was already imported in compiled mode. S
 runs every block operation in numpy.
 """
 
-import os
-import sys
-
 import pytest
 
-import torch
+from . import require_interpreted, triton_interpreter
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("a CUDA device is present: the Triton backend is tested on it by the other test files",
-                allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton already imported without TRITON_INTERPRET=1; run this file in its own pytest process",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+triton = triton_interpreter()
+
+import torch  # noqa: E402
 
 from pspnet_fast import reference  # noqa: E402
 from pspnet_fast.kernels import head_triton as ht  # noqa: E402
 
-if type(ht._head_epilogue_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("head_triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+require_interpreted(ht._head_epilogue_kernel, "head_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,10 +196,86 @@ def test_epilogue_selection_path(monkeypatch, shape, bins, ac, cl):
 
 
 def test_epilogue_block_shapes():
-    # W = 90: 32-column blocks (96 columns computed, not 128), 2 channels a program; channels_last: channel blocks.
-    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False) == (2, 32, 64)
-    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, True) == (32, 2, 64)
-    assert ht._epilogue_blocks(512, 128, (1, 2, 3, 6), False, False) == (1, 64, 64)
+    # W = 90 without windows: 32-column blocks (96 columns computed, not 128), 2 channels a program. Windowed rows
+    # (WIN, W = 90 bfloat16): 64-lane programs 56 columns apart (2 a row, LEAD = 8). Aligned rows (W = 128) and
+    # channels_last: the column / channel blocks without windows.
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False) == (2, 32, 64, 0, 3)
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, False, 8) == (1, 64, 64, 8, 2)
+    assert ht._epilogue_blocks(512, 90, (1, 2, 3, 6), False, True) == (32, 2, 64, 0, 45)
+    assert ht._epilogue_blocks(512, 128, (1, 2, 3, 6), False, False) == (1, 64, 64, 0, 2)
+    assert ht._epilogue_blocks(3, 9, (1, 2, 3, 6), False, False, 4) == (4, 16, 64, 0, 1)  # one program a row
+    z = torch.empty(8, 512, 90, 90, dtype=torch.bfloat16)
+    assert ht._window_vec(z, torch.empty_like(z), False) == 8
+    z = torch.empty(8, 512, 64, 128, dtype=torch.bfloat16)
+    assert ht._window_vec(z, torch.empty_like(z), False) == 1  # every row 16-byte aligned
+    z = torch.empty(8, 512, 90, 90, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert ht._window_vec(z, torch.empty_like(z), True) == 1
+
+
+# Windowed rows (WIN): odd W, W = 90 with 3 channels (the 713-crop map), planes whose starts shift by every residue
+# (H * W odd), float32 (VEC = 4), bfloat16 / float16 (VEC = 8), float64 (VEC = 2, the selection path).
+WIN_CASES = [
+    ((2, 3, 4, 90), torch.float32),
+    ((1, 3, 90, 90), torch.bfloat16),
+    ((2, 3, 3, 7), torch.float16),
+    ((3, 2, 5, 37), torch.float32),
+    ((2, 3, 3, 11), torch.float64),
+    ((1, 2, 1, 13), torch.bfloat16),
+]
+
+
+def _check_half(out, z, q, bins, ac, scale, shift, relu):
+    # Half types: at most 2x PyTorch's own error in the dtype against float64, plus 1e-3 * max (habit 7).
+    dtype = z.dtype
+    ref64 = ref64_epilogue(z, q, bins, ac, scale, shift, relu)
+    v = z + reference.head_context(q.to(dtype), bins, z.shape[-2:], ac)
+    if scale is not None:
+        v = v * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    torch_half = torch.relu(v) if relu else v
+    err = (out.double() - ref64).abs().max().item()
+    err_torch = (torch_half.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + 1e-3 * ref64.abs().max().item(), (err, err_torch)
+
+
+def _check_win(N, O, H, W, dtype, bins, ac, seed):
+    z, q, scale, shift = _inputs(N, O, H, W, bins, dtype, True, seed)
+    assert ht._window_vec(z, torch.empty_like(z), False) == 16 // z.element_size()
+    out = ht.head_epilogue(z, q, bins, ac, scale, shift, True)
+    assert out.dtype == dtype and out.is_contiguous()
+    if dtype in (torch.float32, torch.float64):
+        assert_close(out, ref64_epilogue(z, q, bins, ac, scale, shift, True), RTOL[dtype], 1e-300)
+    else:
+        _check_half(out, z, q, bins, ac, scale, shift, True)
+
+
+@pytest.mark.parametrize("shape,dtype", WIN_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_epilogue_windowed_rows(shape, dtype):
+    _check_win(*shape, dtype, (1, 2, 3, 6), dtype != torch.float16, seed=11)
+
+
+def test_epilogue_windowed_rows_several_programs_a_row(monkeypatch):
+    # 16-lane programs: bfloat16 W = 90 takes 13 programs a row 8 columns apart (LEAD = 8), float32 W = 37 four 12
+    # apart; with the selection path too.
+    monkeypatch.setattr(ht, "_FWD_BLOCK_F", {False: 16, True: 16})
+    assert ht._epilogue_blocks(3, 90, (1, 2, 3, 6), False, False, 8)[3:] == (8, 13)
+    assert ht._epilogue_blocks(3, 37, (1, 2, 3, 6), False, False, 4)[3:] == (4, 4)
+    _check_win(1, 3, 3, 90, torch.bfloat16, (1, 2, 3, 6), True, seed=12)
+    _check_win(2, 3, 4, 37, torch.float32, (1, 2, 3, 6), False, seed=13)
+    monkeypatch.setattr(ht, "_FWD_USE_DOT", False)
+    _check_win(2, 3, 4, 37, torch.float32, (1, 3), True, seed=14)
+
+
+def test_epilogue_windowed_rows_nan():
+    # NaN of z reaches its own output only; NaN of q the outputs whose taps read it (the selection path), through
+    # the windows' gather and peel.
+    bins = (1, 2, 3, 6)
+    z, q, scale, shift = _inputs(2, 3, 4, 90, bins, torch.float32, True, seed=15)
+    z[0, 1, 2, 0] = float("nan")  # a row's first column (a peel lane where the row starts mid-chunk)
+    z[1, 2, 3, 89] = float("nan")  # the last column of the last plane
+    q[1, 0, 4, 5] = float("nan")
+    out = ht.head_epilogue(z, q, bins, True, scale, shift, False)
+    assert torch.isnan(out[0, 1, 2, 0]) and torch.isnan(out[1, 2, 3, 89]) and torch.isnan(out[1, 0]).any()
+    assert_close(out, ref64_epilogue(z, q, bins, True, scale, shift, False), 1e-5)
 
 
 def test_epilogue_int64_offsets(tmp_path):

@@ -6,28 +6,19 @@ compiled Triton kernels; if triton was already imported in compiled mode, the mo
 """
 
 import importlib.util
-import os
 import pathlib
-import sys
 
 import pytest
 
-import torch  # noqa: E402
+from . import require_interpreted, triton_interpreter
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    # TRITON_INTERPRET=1 is process-wide: setting it here would turn the real GPU Triton tests of the other files
-    # into interpreter runs. On a GPU machine those cover the Triton backend; run this file alone to test the
-    # interpreter there (TRITON_INTERPRET=1 pytest tests/ops/test_triton_interp.py).
-    pytest.skip("a CUDA device is present: the Triton backend is tested on it by the other test files",
-                allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton already imported without TRITON_INTERPRET=1; run this file in its own pytest process",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+triton = triton_interpreter()
+
+import importlib  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
 def _load_ppm_triton():
@@ -43,8 +34,8 @@ def _load_ppm_triton():
 
 
 ppm = _load_ppm_triton()
-if type(ppm._pyramid_pool_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("ppm_triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+require_interpreted(ppm._pyramid_pool_kernel, "ppm_triton")
+tc = importlib.import_module(ppm.__package__ + ".triton_common") if ppm.__package__ else ppm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,6 +164,74 @@ def check_all_ops(x, bins, align_corners, R=3, relu=True, affine=True, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tap_probe_kernel(out_ptr, IN, OUT, ALIGN: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+    # Rows 0-3 of out [8, BLOCK]: _linear_tap(d, IN, OUT) with IN a scalar (the upsample's and backward's call);
+    # rows 4-7: _linear_tap_scaled(d, _linear_scale(IN, OUT)) with IN a tensor of extents (the head's call).
+    dt = out_ptr.dtype.element_ty
+    d = tl.arange(0, BLOCK)
+    m = d < OUT
+    i0, i1, l0, l1 = ppm._linear_tap(d, IN, OUT, ALIGN, IS_F64, dt)
+    ins = tl.full([BLOCK], 0, tl.int32) + IN
+    j0, j1, k0, k1 = tc._linear_tap_scaled(d, tc._linear_scale(ins, OUT, ALIGN, IS_F64, dt), ins, OUT, ALIGN, dt)
+    tl.store(out_ptr + 0 * BLOCK + d, i0.to(dt), mask=m)
+    tl.store(out_ptr + 1 * BLOCK + d, i1.to(dt), mask=m)
+    tl.store(out_ptr + 2 * BLOCK + d, l0, mask=m)
+    tl.store(out_ptr + 3 * BLOCK + d, l1, mask=m)
+    tl.store(out_ptr + 4 * BLOCK + d, j0.to(dt), mask=m)
+    tl.store(out_ptr + 5 * BLOCK + d, j1.to(dt), mask=m)
+    tl.store(out_ptr + 6 * BLOCK + d, k0, mask=m)
+    tl.store(out_ptr + 7 * BLOCK + d, k1, mask=m)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_linear_tap_scalar_and_scaled_forms(dt, align_corners):
+    # triton_common's _linear_tap (scale computed inside) and _linear_scale + _linear_tap_scaled (the head's form,
+    # the scale once per tap-space entry) give ppm_math.h's taps and weights bit for bit, for scalar and tensor
+    # extents: growing, shrinking, equal (the identity tap), 1-bin and 1-pixel sizes, 90 (the 713-crop map).
+    for inp, out in [(1, 1), (1, 5), (2, 1), (5, 1), (2, 2), (3, 7), (6, 5), (8, 3), (3, 90), (6, 90), (90, 90)]:
+        block = ppm._next_pow2(out)
+        res = torch.full((8, block), float("nan"), dtype=dt)
+        _tap_probe_kernel[(1,)](res, inp, out, ALIGN=align_corners, IS_F64=dt == torch.float64, BLOCK=block)
+        i0, i1, l0, l1 = _tap(out, inp, align_corners, dt)
+        want = torch.stack([i0.to(dt), i1.to(dt), l0, l1])
+        assert torch.equal(res[:4, :out], want), (inp, out)
+        assert torch.equal(res[4:, :out], want), (inp, out)
+
+
+@triton.jit
+def _div_count_probe_kernel(a_ptr, k_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    a = tl.load(a_ptr + i, mask=m, other=0.0)
+    k = tl.load(k_ptr + i, mask=m, other=1.0)
+    tl.store(out_ptr + i, tc._div_count(a, k), mask=m)
+
+
+def test_div_count_is_ieee_division():
+    # triton_common._div_count (the pooling means without div.rn's slow path) gives float32 a / k bit for bit, k the
+    # window counts: normal, huge and subnormal sums, exact halfway subnormal quotients (9 * 2^-149 / 6 = 1.5 * 2^-149:
+    # ties to even), zeros of both signs, +-inf, NaN, float32's largest value.
+    gen = torch.Generator().manual_seed(40)
+    tiny = 2.0 ** -149
+    a = torch.cat([
+        torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-30, 30, (4000,), generator=gen).float(),
+        torch.randint(-2 ** 24, 2 ** 24, (2000,), generator=gen).float(),  # integer sums (exact quotients)
+        torch.randint(-64, 64, (2000,), generator=gen).float() * tiny,  # subnormal sums
+        torch.tensor([9 * tiny, -9 * tiny, 3 * tiny, 5 * tiny, 0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                      torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny]),
+    ])
+    k = torch.randint(1, 200, (a.numel(),), generator=gen).float()
+    k[4000:4500] = torch.randint(1, 2 ** 24, (500,), generator=gen).float()
+    k[-12:] = torch.tensor([6.0, 6.0, 2.0, 2.0, 3.0, 7.0, 5.0, 3.0, 7.0, 1.0, 3.0, 3.0])
+    out = torch.empty_like(a)
+    _div_count_probe_kernel[(triton.cdiv(a.numel(), 1024),)](a, k, out, a.numel(), BLOCK=1024)
+    want = a / k
+    same = (out.view(torch.int32) == want.view(torch.int32)) | (torch.isnan(out) & torch.isnan(want))
+    assert bool(same.all()), (a[~same][:5], k[~same][:5], out[~same][:5], want[~same][:5])
+
 
 # (N, C, H, W), bins, align_corners: sizes below / not divisible by the bin counts, 1x1 maps, non-square, batch 0.
 F32_CASES = [

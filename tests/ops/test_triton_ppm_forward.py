@@ -12,28 +12,18 @@ Same conventions as tests/ops/test_triton_interp.py: TRITON_INTERPRET=1 is proce
 pytest process (or with the other interpreter files).
 """
 
-import os
-import sys
-
 import pytest
 
-import torch
+from . import require_interpreted, triton_interpreter
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("a CUDA device is present: the Triton backend is tested on it by the other test files",
-                allow_module_level=True)
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton already imported without TRITON_INTERPRET=1; run this file in its own pytest process",
-                allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+triton = triton_interpreter()
 
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pspnet_fast.kernels import ppm_triton as ppm  # noqa: E402
 
-if type(ppm._pyramid_pool_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("ppm_triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+require_interpreted(ppm._pyramid_pool_kernel, "ppm_triton")
 
 from ..utils import assert_close_to_ref, make_ref  # noqa: E402
 
