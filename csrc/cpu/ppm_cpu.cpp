@@ -306,29 +306,53 @@ bool cpu_has_avx2_fma() {
 //   cols  1: 0.89 (at::mm's GEMV wins)   2: 1.19   4: 2.26   8: 1.70   9: 2.42   18: 1.08   36: 1.02   72: 0.90
 // all four levels: 2.36x at N = 1, 1.41x at N = 2. So the hand-written kernel runs 2..36 columns, at::mm the rest.
 // float64 always runs at::mm (no hand-written kernel).
-constexpr int64_t kSmallGemmMinCols = 2;
+constexpr int64_t kSmallGemmMinCols = 1;
 bool use_small_gemm(int64_t cols) {
   return cols >= kSmallGemmMinCols && cols <= kSmallGemmCols && cpu_has_avx2_fma();
 }
 
-// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C, K <= kSmallGemmCols) for RB rows at once. Channels are
-// cut into blocks small enough that the block's RB W rows and K PT rows stay in L1; within a block, KN columns at a
-// time run with RB * KN accumulators in registers (each 8-channel load of W feeds KN FMAs, each load of PT feeds RB),
-// kept in `acc` between blocks. So W is read from memory once and from L1 K / KN times, PT from L2 once per RB rows.
-// Every (r, k) is summed the same way (8-lane partial sums over c in order, a fixed horizontal sum, then the C % 8
-// tail), whatever the blocking: a row's values do not depend on RB, KN, the block size or the thread split.
+// Channels per block of the packed columns (see pack_small_gemm_cols): a block's RB W rows (RB x 512 floats = 8 KB)
+// stay in L1 while every column group reads them.
+constexpr int64_t kSmallGemmBlock = 512;
+
+// The K columns (C values each) of one level, packed for small_gemm_rows_avx2: channel blocks [c0, c0 + n) of the
+// first C8 = C / 8 * 8 channels (n = min(kSmallGemmBlock, C8 - c0)), each stored as K contiguous runs of n values at
+// PB + c0 * K (run k at PB + c0 * K + k * n), then the C - C8 tail channels as K runs of C - C8 at PB + C8 * K.
+// Packed, a block's columns are one contiguous stream. Unpacked (K rows of C floats, 8 KB apart at C = 2048) every
+// column started in the same L1 sets as the W rows (4 KB aliasing on an 8-way 32 KB L1), which evicted the W block the
+// column groups share: level 6 of the PSPNet PPM ran 1.5x faster packed (one thread, 64-byte aligned buffers).
+// col(k, c) gives column k's value at channel c.
+template <typename ColFn>
+void pack_small_gemm_cols(float* PB, int64_t C, int64_t K, const ColFn& col) {
+  auto pack = [&](int64_t c0, int64_t c1) {  // channels [c0, c1): K runs of c1 - c0 values at PB + c0 * K
+    for (int64_t k = 0; k < K; ++k) {
+      float* run = PB + c0 * K + k * (c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) run[c - c0] = col(k, c);
+    }
+  };
+  const int64_t C8 = C / 8 * 8;
+  for (int64_t c0 = 0; c0 < C8; c0 += kSmallGemmBlock) pack(c0, std::min(C8, c0 + kSmallGemmBlock));
+  if (C8 < C) pack(C8, C);
+}
+
+// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C packed by pack_small_gemm_cols, K <= kSmallGemmCols) for
+// RB rows at once. Per channel block, KN columns at a time run with RB * KN accumulators in registers (each 8-channel
+// load of W feeds KN FMAs, each load of PT feeds RB), kept in `acc` between blocks. So W is read from memory once and
+// from L1 K / KN times, PT from L2 once per RB rows. Every (r, k) is summed the same way (8-lane partial sums over c
+// in order, a fixed horizontal sum, then the C % 8 tail), whatever the blocking: a row's values do not depend on RB,
+// KN, the block size or the thread split.
 template <int RB, int KN>
 __attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, const float* pt, __m256* acc,
-                                                                 int64_t c0, int64_t c1, int64_t C) {
+                                                                 int64_t n, int64_t C) {
   __m256 a[RB][KN];
   for (int i = 0; i < RB; ++i) {
     for (int j = 0; j < KN; ++j) a[i][j] = acc[i * kSmallGemmCols + j];
   }
-  for (int64_t c = c0; c < c1; c += 8) {
+  for (int64_t c = 0; c < n; c += 8) {
     __m256 wv[RB];
     for (int i = 0; i < RB; ++i) wv[i] = _mm256_loadu_ps(w + i * C + c);
     for (int j = 0; j < KN; ++j) {
-      const __m256 pv = _mm256_loadu_ps(pt + j * C + c);
+      const __m256 pv = _mm256_loadu_ps(pt + j * n + c);
       for (int i = 0; i < RB; ++i) a[i][j] = _mm256_fmadd_ps(wv[i], pv, a[i][j]);
     }
   }
@@ -338,7 +362,7 @@ __attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, 
 }
 
 template <int RB>
-__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PT, float* y, int64_t C,
+__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PB, float* y, int64_t C,
                                                              int64_t K) {
   constexpr int KN = RB == 1 ? 8 : 12 / RB;
   __m256 acc[RB * kSmallGemmCols];  // acc[i * kSmallGemmCols + k]: row i, column k
@@ -346,24 +370,25 @@ __attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, con
     for (int64_t k = 0; k < K; ++k) acc[i * kSmallGemmCols + k] = _mm256_setzero_ps();
   }
   const int64_t C8 = C / 8 * 8;
-  // ~24 KB of PT per block (L1 holds 32 KB), at least 64 channels.
-  const int64_t CB = std::max<int64_t>(64, (6144 / K) / 8 * 8);
-  for (int64_t c0 = 0; c0 < C8; c0 += CB) {
-    const int64_t c1 = std::min(C8, c0 + CB);
+  for (int64_t c0 = 0; c0 < C8; c0 += kSmallGemmBlock) {
+    const int64_t n = std::min(C8, c0 + kSmallGemmBlock) - c0;
+    const float* pb = PB + c0 * K;
+    const float* wb = w + c0;
     int64_t k0 = 0;
-    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(w, PT + k0 * C, acc + k0, c0, c1, C);
-    const float* pt = PT + k0 * C;
+    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(wb, pb + k0 * n, acc + k0, n, C);
+    const float* pt = pb + k0 * n;
     switch (K - k0) {
-      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 1: small_gemm_step<RB, 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(wb, pt, acc + k0, n, C); break;
+      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(wb, pt, acc + k0, n, C); break;
+      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(wb, pt, acc + k0, n, C); break;
+      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(wb, pt, acc + k0, n, C); break;
+      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(wb, pt, acc + k0, n, C); break;
+      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(wb, pt, acc + k0, n, C); break;
+      case 1: small_gemm_step<RB, 1>(wb, pt, acc + k0, n, C); break;
       default: break;
     }
   }
+  const float* tail = PB + C8 * K;  // K runs of C - C8
   for (int i = 0; i < RB; ++i) {
     for (int64_t k = 0; k < K; ++k) {
       const __m256 v = acc[i * kSmallGemmCols + k];
@@ -372,19 +397,20 @@ __attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, con
       lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
       float sum = _mm_cvtss_f32(lo);
       for (int64_t t = C8; t < C; ++t) {
-        sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(PT[k * C + t]), _mm_set_ss(sum)));
+        sum = _mm_cvtss_f32(
+            _mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(tail[k * (C - C8) + t - C8]), _mm_set_ss(sum)));
       }
       y[i * K + k] = sum;
     }
   }
 }
 
-__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
+__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PB, float* Y, int64_t r0,
                                                               int64_t r1, int64_t C, int64_t K) {
   constexpr int RB = kSmallGemmRows;
   int64_t r = r0;
-  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PT, Y + r * K, C, K);
-  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PT, Y + r * K, C, K);
+  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PB, Y + r * K, C, K);
+  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PB, Y + r * K, C, K);
 }
 
 // Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
@@ -510,14 +536,13 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
     };
     std::vector<int64_t> small;  // levels for the hand-written GEMM
     for (int64_t l = 0; l < L; ++l) {
-      const Tensor yl = level_cols(l);
 #if PSP_X86_SMALL_GEMM
       if (std::is_same_v<scalar_t, float> && use_small_gemm(N * bins[l] * bins[l])) {
         small.push_back(l);
         continue;
       }
 #endif
-      const Tensor y = mm_no_autocast(wt.select(0, l), yl);  // (R, N * s)
+      const Tensor y = mm_no_autocast(wt.select(0, l), level_cols(l));  // (R, N * s)
       // Serial below ~32K values (a fork-join costs more than the loop; on a shared machine, much more).
       const int64_t grain = std::max<int64_t>(64, 32768 / (N * bins[l] * bins[l]));
       at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
@@ -529,11 +554,23 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
         // rows of every such level, then their epilogue, while the rows' results are in cache.
         std::vector<Tensor> pts, ys;
         for (int64_t l : small) {
-          pts.push_back(level_cols(l).t().contiguous());  // (N * s, C)
-          ys.push_back(at::empty({R, N * bins[l] * bins[l]}, out.options()));
+          const int64_t s = bins[l] * bins[l];
+          pts.push_back(at::empty({N * s * C}, out.options()));  // the level's N * s columns, packed
+          const scalar_t* pp = p.const_data_ptr<scalar_t>() + offs[l];
+          // column k = (image n, bin j) at channel c: pooled[n, c, offs[l] + j]
+          pack_small_gemm_cols(reinterpret_cast<float*>(pts.back().mutable_data_ptr<scalar_t>()), C, N * s,
+                               [&](int64_t k, int64_t c) {
+                                 return static_cast<float>(pp[((k / s) * C + c) * S + k % s]);
+                               });
+          ys.push_back(at::empty({R, N * s}, out.options()));
         }
+        // Odd threads take the levels in reverse order: the levels of few columns are bound by reading W, those of
+        // many by FMAs, so one thread computes while the other streams weights. (Each row's values do not depend on
+        // the order.)
         at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-          for (size_t i = 0; i < small.size(); ++i) {
+          const bool reverse = at::get_thread_num() % 2 == 1;
+          for (size_t t = 0; t < small.size(); ++t) {
+            const size_t i = reverse ? small.size() - 1 - t : t;
             const int64_t l = small[i];
             // (float: scalar_t is float here; the casts only let the float64 instantiation compile)
             scalar_t* y = ys[i].mutable_data_ptr<scalar_t>();
