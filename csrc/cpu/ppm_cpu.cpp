@@ -306,29 +306,53 @@ bool cpu_has_avx2_fma() {
 //   cols  1: 0.89 (at::mm's GEMV wins)   2: 1.19   4: 2.26   8: 1.70   9: 2.42   18: 1.08   36: 1.02   72: 0.90
 // all four levels: 2.36x at N = 1, 1.41x at N = 2. So the hand-written kernel runs 2..36 columns, at::mm the rest.
 // float64 always runs at::mm (no hand-written kernel).
-constexpr int64_t kSmallGemmMinCols = 2;
+constexpr int64_t kSmallGemmMinCols = 1;
 bool use_small_gemm(int64_t cols) {
   return cols >= kSmallGemmMinCols && cols <= kSmallGemmCols && cpu_has_avx2_fma();
 }
 
-// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C, K <= kSmallGemmCols) for RB rows at once. Channels are
-// cut into blocks small enough that the block's RB W rows and K PT rows stay in L1; within a block, KN columns at a
-// time run with RB * KN accumulators in registers (each 8-channel load of W feeds KN FMAs, each load of PT feeds RB),
-// kept in `acc` between blocks. So W is read from memory once and from L1 K / KN times, PT from L2 once per RB rows.
-// Every (r, k) is summed the same way (8-lane partial sums over c in order, a fixed horizontal sum, then the C % 8
-// tail), whatever the blocking: a row's values do not depend on RB, KN, the block size or the thread split.
+// Channels per block of the packed columns (see pack_small_gemm_cols): a block's RB W rows (RB x 512 floats = 8 KB)
+// stay in L1 while every column group reads them.
+constexpr int64_t kSmallGemmBlock = 512;
+
+// The K columns (C values each) of one level, packed for small_gemm_rows_avx2: channel blocks [c0, c0 + n) of the
+// first C8 = C / 8 * 8 channels (n = min(kSmallGemmBlock, C8 - c0)), each stored as K contiguous runs of n values at
+// PB + c0 * K (run k at PB + c0 * K + k * n), then the C - C8 tail channels as K runs of C - C8 at PB + C8 * K.
+// Packed, a block's columns are one contiguous stream. Unpacked (K rows of C floats, 8 KB apart at C = 2048) every
+// column started in the same L1 sets as the W rows (4 KB aliasing on an 8-way 32 KB L1), which evicted the W block the
+// column groups share: level 6 of the PSPNet PPM ran 1.5x faster packed (one thread, 64-byte aligned buffers).
+// col(k, c) gives column k's value at channel c.
+template <typename ColFn>
+void pack_small_gemm_cols(float* PB, int64_t C, int64_t K, const ColFn& col) {
+  auto pack = [&](int64_t c0, int64_t c1) {  // channels [c0, c1): K runs of c1 - c0 values at PB + c0 * K
+    for (int64_t k = 0; k < K; ++k) {
+      float* run = PB + c0 * K + k * (c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) run[c - c0] = col(k, c);
+    }
+  };
+  const int64_t C8 = C / 8 * 8;
+  for (int64_t c0 = 0; c0 < C8; c0 += kSmallGemmBlock) pack(c0, std::min(C8, c0 + kSmallGemmBlock));
+  if (C8 < C) pack(C8, C);
+}
+
+// Y[r, k] = sum_c W[r, c] * PT[k, c] (W: R x C, PT: K x C packed by pack_small_gemm_cols, K <= kSmallGemmCols) for
+// RB rows at once. Per channel block, KN columns at a time run with RB * KN accumulators in registers (each 8-channel
+// load of W feeds KN FMAs, each load of PT feeds RB), kept in `acc` between blocks. So W is read from memory once and
+// from L1 K / KN times, PT from L2 once per RB rows. Every (r, k) is summed the same way (8-lane partial sums over c
+// in order, a fixed horizontal sum, then the C % 8 tail), whatever the blocking: a row's values do not depend on RB,
+// KN, the block size or the thread split.
 template <int RB, int KN>
 __attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, const float* pt, __m256* acc,
-                                                                 int64_t c0, int64_t c1, int64_t C) {
+                                                                 int64_t n, int64_t C) {
   __m256 a[RB][KN];
   for (int i = 0; i < RB; ++i) {
     for (int j = 0; j < KN; ++j) a[i][j] = acc[i * kSmallGemmCols + j];
   }
-  for (int64_t c = c0; c < c1; c += 8) {
+  for (int64_t c = 0; c < n; c += 8) {
     __m256 wv[RB];
     for (int i = 0; i < RB; ++i) wv[i] = _mm256_loadu_ps(w + i * C + c);
     for (int j = 0; j < KN; ++j) {
-      const __m256 pv = _mm256_loadu_ps(pt + j * C + c);
+      const __m256 pv = _mm256_loadu_ps(pt + j * n + c);
       for (int i = 0; i < RB; ++i) a[i][j] = _mm256_fmadd_ps(wv[i], pv, a[i][j]);
     }
   }
@@ -338,7 +362,7 @@ __attribute__((target("avx2,fma"))) inline void small_gemm_step(const float* w, 
 }
 
 template <int RB>
-__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PT, float* y, int64_t C,
+__attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, const float* PB, float* y, int64_t C,
                                                              int64_t K) {
   constexpr int KN = RB == 1 ? 8 : 12 / RB;
   __m256 acc[RB * kSmallGemmCols];  // acc[i * kSmallGemmCols + k]: row i, column k
@@ -346,24 +370,25 @@ __attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, con
     for (int64_t k = 0; k < K; ++k) acc[i * kSmallGemmCols + k] = _mm256_setzero_ps();
   }
   const int64_t C8 = C / 8 * 8;
-  // ~24 KB of PT per block (L1 holds 32 KB), at least 64 channels.
-  const int64_t CB = std::max<int64_t>(64, (6144 / K) / 8 * 8);
-  for (int64_t c0 = 0; c0 < C8; c0 += CB) {
-    const int64_t c1 = std::min(C8, c0 + CB);
+  for (int64_t c0 = 0; c0 < C8; c0 += kSmallGemmBlock) {
+    const int64_t n = std::min(C8, c0 + kSmallGemmBlock) - c0;
+    const float* pb = PB + c0 * K;
+    const float* wb = w + c0;
     int64_t k0 = 0;
-    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(w, PT + k0 * C, acc + k0, c0, c1, C);
-    const float* pt = PT + k0 * C;
+    for (; k0 + KN <= K; k0 += KN) small_gemm_step<RB, KN>(wb, pb + k0 * n, acc + k0, n, C);
+    const float* pt = pb + k0 * n;
     switch (K - k0) {
-      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(w, pt, acc + k0, c0, c1, C); break;
-      case 1: small_gemm_step<RB, 1>(w, pt, acc + k0, c0, c1, C); break;
+      case 7: small_gemm_step<RB, 7 < KN ? 7 : 1>(wb, pt, acc + k0, n, C); break;
+      case 6: small_gemm_step<RB, 6 < KN ? 6 : 1>(wb, pt, acc + k0, n, C); break;
+      case 5: small_gemm_step<RB, 5 < KN ? 5 : 1>(wb, pt, acc + k0, n, C); break;
+      case 4: small_gemm_step<RB, 4 < KN ? 4 : 1>(wb, pt, acc + k0, n, C); break;
+      case 3: small_gemm_step<RB, 3 < KN ? 3 : 1>(wb, pt, acc + k0, n, C); break;
+      case 2: small_gemm_step<RB, 2 < KN ? 2 : 1>(wb, pt, acc + k0, n, C); break;
+      case 1: small_gemm_step<RB, 1>(wb, pt, acc + k0, n, C); break;
       default: break;
     }
   }
+  const float* tail = PB + C8 * K;  // K runs of C - C8
   for (int i = 0; i < RB; ++i) {
     for (int64_t k = 0; k < K; ++k) {
       const __m256 v = acc[i * kSmallGemmCols + k];
@@ -372,19 +397,20 @@ __attribute__((target("avx2,fma"))) void small_gemm_rowblock(const float* w, con
       lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
       float sum = _mm_cvtss_f32(lo);
       for (int64_t t = C8; t < C; ++t) {
-        sum = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(PT[k * C + t]), _mm_set_ss(sum)));
+        sum = _mm_cvtss_f32(
+            _mm_fmadd_ss(_mm_set_ss(w[i * C + t]), _mm_set_ss(tail[k * (C - C8) + t - C8]), _mm_set_ss(sum)));
       }
       y[i * K + k] = sum;
     }
   }
 }
 
-__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PT, float* Y, int64_t r0,
+__attribute__((target("avx2,fma"))) void small_gemm_rows_avx2(const float* W, const float* PB, float* Y, int64_t r0,
                                                               int64_t r1, int64_t C, int64_t K) {
   constexpr int RB = kSmallGemmRows;
   int64_t r = r0;
-  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PT, Y + r * K, C, K);
-  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PT, Y + r * K, C, K);
+  for (; r + RB <= r1; r += RB) small_gemm_rowblock<RB>(W + r * C, PB, Y + r * K, C, K);
+  for (; r < r1; ++r) small_gemm_rowblock<1>(W + r * C, PB, Y + r * K, C, K);
 }
 
 // Copies n bytes to dst with non-temporal stores: an output far larger than the caches is written without first
@@ -468,17 +494,28 @@ void check_reduce_args(int64_t C, int64_t S, at::ScalarType pooled_type, const T
   }
 }
 
+struct NoLevelRows {
+  static constexpr bool active = false;
+  void operator()(int64_t, int64_t, int64_t) const {}
+};
+
 // All levels' 1x1 convolutions on the pooled maps: level l is one GEMM (R x C) @ (C x N*b_l^2) through the
-// platform's BLAS, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass over the small result.
-Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
-                      const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
+// platform's BLAS or the hand-written kernel, then the folded-BatchNorm epilogue (scale, shift) and ReLU in one pass
+// over the small result. rows_done(l, r0, r1) (when RowsFn::active) is called inside the parallel region once rows
+// [r0, r1) of level l are in `out`, by the thread that owns those rows (ppm_forward upsamples them there, while the
+// other thread may be computing: one parallel region for the hand-written GEMM and the level pass).
+template <typename RowsFn = NoLevelRows>
+Tensor ppm_reduce_impl(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
+                       const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu,
+                       const RowsFn& rows_done = RowsFn(), const Tensor* into = nullptr) {
   checks::ppm_reduce(pooled, weight, scale, shift, bins);
   check_bins(bins);
   TORCH_CHECK(pooled.dim() == 3, "pspnet_fast: expected pooled of shape (N, C, S), got ", pooled.sizes());
   check_reduce_args(pooled.size(1), pooled.size(2), pooled.scalar_type(), weight, scale, shift, bins);
   const int64_t N = pooled.size(0), C = pooled.size(1), S = pooled.size(2);
   const int64_t L = weight.size(0), R = weight.size(1);
-  Tensor out = at::empty({N, R, S}, pooled.options());
+  // into: a contiguous (N, R, S) tensor of pooled's dtype for the result (the caller's, already checked)
+  Tensor out = into != nullptr ? *into : at::empty({N, R, S}, pooled.options());
   if (N == 0) return out;
   const Tensor p = pooled.contiguous();
   const Tensor wt = weight.contiguous();
@@ -510,99 +547,133 @@ Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::opt
     };
     std::vector<int64_t> small;  // levels for the hand-written GEMM
     for (int64_t l = 0; l < L; ++l) {
-      const Tensor yl = level_cols(l);
 #if PSP_X86_SMALL_GEMM
       if (std::is_same_v<scalar_t, float> && use_small_gemm(N * bins[l] * bins[l])) {
         small.push_back(l);
         continue;
       }
 #endif
-      const Tensor y = mm_no_autocast(wt.select(0, l), yl);  // (R, N * s)
+      const Tensor y = mm_no_autocast(wt.select(0, l), level_cols(l));  // (R, N * s)
       // Serial below ~32K values (a fork-join costs more than the loop; on a shared machine, much more).
       const int64_t grain = std::max<int64_t>(64, 32768 / (N * bins[l] * bins[l]));
       at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { epilogue(l, y.const_data_ptr<scalar_t>(), r0, r1); });
     }
+    // Every hand-written level (and, with rows_done, every level's follow-up) in one parallel region (one
+    // fork-join, not two per level): each task runs its rows of every such level, then their epilogue, while the
+    // rows' results are in cache.
+    std::vector<Tensor> pts, ys;
+    std::vector<int64_t> slot(L, -1);  // level -> its index in small (-1: at::mm, done above)
 #if PSP_X86_SMALL_GEMM
-    if (!small.empty()) {
-      {
-        // Every hand-written level in one parallel region (one fork-join, not two per level): each task runs its
-        // rows of every such level, then their epilogue, while the rows' results are in cache.
-        std::vector<Tensor> pts, ys;
-        for (int64_t l : small) {
-          pts.push_back(level_cols(l).t().contiguous());  // (N * s, C)
-          ys.push_back(at::empty({R, N * bins[l] * bins[l]}, out.options()));
-        }
-        at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-          for (size_t i = 0; i < small.size(); ++i) {
-            const int64_t l = small[i];
-            // (float: scalar_t is float here; the casts only let the float64 instantiation compile)
-            scalar_t* y = ys[i].mutable_data_ptr<scalar_t>();
-            small_gemm_rows_avx2(reinterpret_cast<const float*>(wt.const_data_ptr<scalar_t>()) + l * R * C,
-                                 reinterpret_cast<const float*>(pts[i].const_data_ptr<scalar_t>()),
-                                 reinterpret_cast<float*>(y), r0, r1, C, N * bins[l] * bins[l]);
-            epilogue(l, y, r0, r1);
-          }
-        });
-      }
+    for (int64_t l : small) {
+      const int64_t s = bins[l] * bins[l];
+      slot[l] = static_cast<int64_t>(pts.size());
+      pts.push_back(at::empty({N * s * C}, out.options()));  // the level's N * s columns, packed
+      const scalar_t* pp = p.const_data_ptr<scalar_t>() + offs[l];
+      // column k = (image n, bin j) at channel c: pooled[n, c, offs[l] + j]
+      pack_small_gemm_cols(reinterpret_cast<float*>(pts.back().mutable_data_ptr<scalar_t>()), C, N * s,
+                           [&](int64_t k, int64_t c) { return static_cast<float>(pp[((k / s) * C + c) * S + k % s]); });
+      ys.push_back(at::empty({R, N * s}, out.options()));
     }
 #endif
+    if (small.empty() && !RowsFn::active) return;
+    // Odd threads take the levels in reverse order: the levels of few columns are bound by reading W, those of many
+    // by FMAs, so one thread computes while the other streams. (Each row's values do not depend on the order.)
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      const bool reverse = at::get_thread_num() % 2 == 1;
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t l = reverse ? L - 1 - t : t;
+#if PSP_X86_SMALL_GEMM
+        if (slot[l] >= 0) {
+          // (float: scalar_t is float here; the casts only let the float64 instantiation compile)
+          scalar_t* y = ys[slot[l]].mutable_data_ptr<scalar_t>();
+          small_gemm_rows_avx2(reinterpret_cast<const float*>(wt.const_data_ptr<scalar_t>()) + l * R * C,
+                               reinterpret_cast<const float*>(pts[slot[l]].const_data_ptr<scalar_t>()),
+                               reinterpret_cast<float*>(y), r0, r1, C, N * bins[l] * bins[l]);
+          epilogue(l, y, r0, r1);
+        }
+#endif
+        rows_done(l, r0, r1);
+      }
+    });
   });
   return out;
 }
 
-// write_x false: only the level planes are written (ppm_forward has written x's planes in its pooling pass; x's data
-// is not read).
+Tensor ppm_reduce_cpu(const Tensor& pooled, const Tensor& weight, const c10::optional<Tensor>& scale,
+                      const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu) {
+  return ppm_reduce_impl(pooled, weight, scale, shift, bins, relu);
+}
+
+// The NCHW output planes of upsample_concat: plane(n, c) writes out[n, c] (a copy of x's plane for the channels of
+// x, else the level map interpolated into a plane-sized scratch, cache-resident, then stored in one sweep).
+template <typename scalar_t, typename lvl_t>
+struct NchwPlanes {
+  using scalar_type = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t C, H, W, R, S, CO, HW, x0, l0;
+  at::IntArrayRef bins;
+  LevelTaps<acc_t> lt;
+  const scalar_t* xp;
+  const lvl_t* yp;
+  scalar_t* op;
+  bool stream;
+
+  // write_x false: x's data is not read (ppm_forward has written x's planes in its pooling pass).
+  NchwPlanes(const Tensor& x, const Tensor& levels, at::IntArrayRef bins_, bool align_corners, bool x_last,
+             Tensor& out, bool write_x)
+      : C(x.size(1)), H(x.size(2)), W(x.size(3)), R(levels.size(1)), S(levels.size(2)),
+        CO(C + static_cast<int64_t>(bins_.size()) * R), HW(H * W),
+        x0(x_last ? static_cast<int64_t>(bins_.size()) * R : 0), l0(x_last ? 0 : C),  // first channel of x, levels
+        bins(bins_), lt(bins_, H, W, align_corners), xp(write_x ? x.const_data_ptr<scalar_t>() : nullptr),
+        yp(levels.const_data_ptr<lvl_t>()), op(out.mutable_data_ptr<scalar_t>()), stream(use_streaming(out)) {}
+
+  // rows: the (b x W) level map interpolated along W (ATen's inner bracket); plane_buf: HW values. Both scratch.
+  void plane(int64_t n, int64_t c, std::vector<acc_t>& rows, std::vector<scalar_t>& plane_buf) const {
+    scalar_t* dst = op + (n * CO + c) * HW;
+    if (c >= x0 && c < x0 + C) {
+      store_block(dst, xp + (n * C + c - x0) * HW, HW, stream);
+      return;
+    }
+    const int64_t l = (c - l0) / R, r = (c - l0) % R, b = bins[l];
+    const lvl_t* map = yp + (n * R + r) * S + lt.offs[l];
+    const Taps<acc_t>& hh = lt.th[l];
+    const Taps<acc_t>& ww = lt.tw[l];
+    rows.resize(b * W);
+    plane_buf.resize(HW);
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t w = 0; w < W; ++w) {
+        rows[i * W + w] = ww.l0[w] * static_cast<acc_t>(map[i * b + ww.i0[w]]) +
+                          ww.l1[w] * static_cast<acc_t>(map[i * b + ww.i1[w]]);
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t* r0 = rows.data() + hh.i0[h] * W;
+      const acc_t* r1 = rows.data() + hh.i1[h] * W;
+      const acc_t a = hh.l0[h], bb = hh.l1[h];
+      scalar_t* d = plane_buf.data() + h * W;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) d[w] = static_cast<scalar_t>(a * r0[w] + bb * r1[w]);
+    }
+    store_block(dst, plane_buf.data(), HW, stream);
+  }
+};
+
+// write_x false: only the level planes are written (see NchwPlanes).
 template <typename scalar_t, typename lvl_t>
 void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef bins, bool align_corners,
                           bool x_last, Tensor& out, bool write_x = true) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t R = levels.size(1), S = levels.size(2), L = bins.size(), CO = C + L * R;
-  const LevelTaps<acc_t> lt(bins, H, W, align_corners);
-  const std::vector<Taps<acc_t>>& th = lt.th;
-  const std::vector<Taps<acc_t>>& tw = lt.tw;
-  const std::vector<int64_t>& offs = lt.offs;
-  const scalar_t* xp = write_x ? x.const_data_ptr<scalar_t>() : nullptr;
-  const lvl_t* yp = levels.const_data_ptr<lvl_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const int64_t HW = H * W;
-  const bool stream = use_streaming(out);
-  const int64_t x0 = x_last ? L * R : 0, l0 = x_last ? 0 : C;  // first channel of x and of the levels in out
-  // One task per output plane (n, c'): planes c' in [x0, x0 + C) are copies of x, the others are interpolated from
-  // one level map into a plane-sized scratch (cache-resident) and then stored in one sweep.
-  const int64_t planes = write_x ? CO : L * R;  // per image
-  at::parallel_for(0, N * planes, std::max<int64_t>(1, 32768 / HW), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows;  // (b x W): the level map interpolated along W, ATen's inner bracket
-    std::vector<scalar_t> plane_buf(HW);
+  const NchwPlanes<scalar_t, lvl_t> pl(x, levels, bins, align_corners, x_last, out, write_x);
+  const int64_t N = x.size(0);
+  // One task per output plane (n, c'): every plane of the output, or only the level planes.
+  const int64_t planes = write_x ? pl.CO : pl.CO - pl.C;  // per image
+  at::parallel_for(0, N * planes, std::max<int64_t>(1, 32768 / pl.HW), [&](int64_t begin, int64_t end) {
+    std::vector<at::opmath_type<scalar_t>> rows;
+    std::vector<scalar_t> plane_buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / planes, c = write_x ? task % planes : l0 + task % planes;
-      scalar_t* dst = op + (n * CO + c) * HW;
-      if (c >= x0 && c < x0 + C) {
-        store_block(dst, xp + (n * C + c - x0) * HW, HW, stream);
-        continue;
-      }
-      const int64_t l = (c - l0) / R, r = (c - l0) % R, b = bins[l];
-      const lvl_t* map = yp + (n * R + r) * S + offs[l];
-      const Taps<acc_t>& hh = th[l];
-      const Taps<acc_t>& ww = tw[l];
-      rows.resize(b * W);
-      for (int64_t i = 0; i < b; ++i) {
-        for (int64_t w = 0; w < W; ++w) {
-          rows[i * W + w] = ww.l0[w] * static_cast<acc_t>(map[i * b + ww.i0[w]]) +
-                            ww.l1[w] * static_cast<acc_t>(map[i * b + ww.i1[w]]);
-        }
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const acc_t* r0 = rows.data() + hh.i0[h] * W;
-        const acc_t* r1 = rows.data() + hh.i1[h] * W;
-        const acc_t a = hh.l0[h], bb = hh.l1[h];
-        scalar_t* d = plane_buf.data() + h * W;
-#pragma omp simd
-        for (int64_t w = 0; w < W; ++w) d[w] = static_cast<scalar_t>(a * r0[w] + bb * r1[w]);
-      }
-      store_block(dst, plane_buf.data(), HW, stream);
+      const int64_t n = task / planes, c = write_x ? task % planes : pl.l0 + task % planes;
+      pl.plane(n, c, rows, plane_buf);
     }
-    store_fence(stream);
+    store_fence(pl.stream);
   });
 }
 
@@ -754,6 +825,22 @@ struct StreamCopy {
   void finish() const { store_fence(stream); }
 };
 
+// ppm_forward's NCHW level pass as ppm_reduce_impl's rows_done: the planes (n, level l, row r) of every image n.
+template <typename Planes>
+struct LevelRowsHook {
+  static constexpr bool active = true;
+  const Planes* pl;
+  int64_t N;
+  void operator()(int64_t l, int64_t r0, int64_t r1) const {
+    std::vector<typename Planes::acc_t> rows;
+    std::vector<typename Planes::scalar_type> plane_buf;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t r = r0; r < r1; ++r) pl->plane(n, pl->l0 + l * pl->R + r, rows, plane_buf);
+    }
+    store_fence(pl->stream);
+  }
+};
+
 Tensor ppm_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& scale,
                        const c10::optional<Tensor>& shift, at::IntArrayRef bins, bool relu, bool align_corners,
                        bool x_last) {
@@ -788,14 +875,24 @@ Tensor ppm_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optiona
       pool_copy_nchw<scalar_t>(x, bins, sh, sw, pooled, out, x0);
     }
   });
-  const Tensor levels = ppm_reduce_cpu(pooled, weight, scale, shift, bins, relu);  // (N, R, S), acc_type
+  if (cl) {
+    const Tensor levels = ppm_reduce_cpu(pooled, weight, scale, shift, bins, relu);  // (N, R, S), acc_type
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_levels", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      upsample_concat_nhwc<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    });
+    return out;
+  }
+  // NCHW: each level plane (n, level l, row r) needs only row r of level l, so the reduce's threads upsample their
+  // rows of each level as soon as those are computed (LevelRowsHook), in the reduce's own parallel region: one
+  // fork-join fewer, and one thread's FMAs overlap the other's streaming stores. The levels, and so every output
+  // value, are the composition's bit for bit.
+  Tensor levels = at::empty({N, R, S}, x.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppm_forward_cpu_levels", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (cl) {
-      upsample_concat_nhwc<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
-    } else {
-      upsample_concat_nchw<scalar_t, acc_t>(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
-    }
+    const NchwPlanes<scalar_t, acc_t> pl(x, levels, bins, align_corners, x_last, out, /*write_x=*/false);
+    const LevelRowsHook<NchwPlanes<scalar_t, acc_t>> hook{&pl, N};
+    ppm_reduce_impl(pooled, weight, scale, shift, bins, relu, hook, &levels);
   });
   return out;
 }

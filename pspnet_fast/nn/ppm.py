@@ -152,15 +152,21 @@ class PyramidPooling(_RefPyramidPooling):
         16 MB of 1x1 weights of a 2048-channel PPM are not restacked on every call. Edits through `.data` (e.g.
         `p.data.mul_(2)`) do not bump a version: call `clear_cache()` after them. Tensors made under
         torch.inference_mode are cached apart (they cannot enter a later training graph)."""
-        tensors = [t for f in self.features for t in (f[1].weight, *f[2].parameters(), *f[2].buffers())]
-        cacheable = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        # Straight from each level's _modules / _parameters / _buffers dicts (Sequential indexing and the
+        # parameters() generators cost ~60 us a call on a 2-core machine; this runs on every inference call).
+        # Under torch.compile nothing is cached (the traced graph holds the stacking).
+        cacheable = not torch.compiler.is_compiling()
+        if cacheable:
+            parts = [tuple(f._modules.values())[1:3] for f in self.features]  # (conv, BatchNorm) per level
+            tensors = [t for conv, bn in parts
+                       for t in (conv.weight, *bn._parameters.values(), *bn._buffers.values()) if t is not None]
+            cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         if cacheable:
             # Everything the folded weights depend on: the tensors (identity, storage, version, dtype, device), each
             # BatchNorm's kind, eps, affine parameters and running statistics (present or not) and mode.
             key = (dtype, torch.is_inference_mode_enabled(),
-                   tuple((type(f[2]), f[2].training, getattr(f[2], "eps", None), getattr(f[2], "weight", None) is None,
-                          getattr(f[2], "running_mean", None) is None) for f in self.features),
+                   tuple((type(bn), bn.training, getattr(bn, "eps", None), getattr(bn, "weight", None) is None,
+                          getattr(bn, "running_mean", None) is None) for _, bn in parts),
                    tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
             cached = self.__dict__.get("_reduce_cache")
             if cached is not None and cached[0] == key:
@@ -208,7 +214,7 @@ class PyramidPooling(_RefPyramidPooling):
             return super().forward(x)
         ops.ensure_registered(backend)
         kernels = ops.op_set(backend)
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         if torch.is_grad_enabled() and (x.requires_grad or params) and not torch.compiler.is_compiling():
             return _FusedPPMFunction.apply(x, self, kernels, *params)
         # Inference, and traced graphs (torch.compile differentiates the ops' registered autograd formulas).

@@ -67,6 +67,26 @@ def test_equals_composition(dtype, layout, x_last):
                 _assert_identical(P.ppm_forward(*args), _composition(*args))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_equals_composition_many_rows(dtype, threads):
+    """R = 37 rows (several row blocks of the reduce's parallel region, whose threads write the NCHW level planes of
+    their rows; odd threads take the levels in reverse), C = 21 (a C % 8 tail), N = 3, levels of 3..108 columns (the
+    hand-written GEMM and at::mm): bit for bit the composition, at any thread count."""
+    gen = torch.Generator().manual_seed(2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for layout in ("contiguous", "channels_last"):
+            x = _make_x((3, 21, 11, 13), dtype, layout, gen)
+            weight, scale, shift = _params(21, 37, BINS, dtype, gen, True)
+            for x_last in (False, True):
+                args = (x, weight, scale, shift, BINS, True, False, x_last)
+                _assert_identical(P.ppm_forward(*args), _composition(*args))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bins", [(1,), (6,), (2, 4), (1, 3, 6, 8)], ids=str)
 def test_equals_composition_other_bins(bins):
     gen = torch.Generator().manual_seed(1)
