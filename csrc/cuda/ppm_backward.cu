@@ -68,17 +68,17 @@ struct UpBwdParams {
   int off_t, off_tab;  // dynamic shared memory byte offsets of T and of the range tables (the NCHW tile sits at 0)
   bool taps;           // the block's tap table (W columns, then H rows) in shared memory at off_taps
   int off_taps;
+  double sh[kMaxLevels], sw[kMaxLevels];  // linear_scale<acc_t>(b_l, H | W), host-computed (exact as acc_t)
 };
 
 // tab[0..b) = lo, tab[b..2b) = hi of each row bin over H; tab[2b..3b), tab[3b..4b) the same for columns over W.
 template <typename acc_t>
-__device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int64_t b, int* tab, int tid, int nt) {
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  for (int64_t k = tid; k < 4 * b; k += nt) {
-    const int64_t q = div_nn(k, b);
+__device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int b, acc_t sh, acc_t sw, int* tab, int tid,
+                                           int nt) {
+  for (int k = tid; k < 4 * b; k += nt) {
+    const int q = static_cast<int>(static_cast<uint32_t>(k) / static_cast<uint32_t>(b));
     const bool col = q >= 2;
-    tab[k] = tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0);
+    tab[k] = static_cast<int>(tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0));
   }
 }
 
@@ -91,11 +91,11 @@ struct TapEntry {
 
 // taps[0, W): the columns' taps of a level of b bins; taps[W, W + H): the rows'.
 template <typename acc_t>
-__device__ __forceinline__ void fill_taps(const UpBwdParams& p, int64_t b, TapEntry<acc_t>* taps, int tid, int nt) {
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  const int64_t W = p.W;
-  for (int64_t k = tid; k < W + p.H; k += nt) {
+__device__ __forceinline__ void fill_taps(const UpBwdParams& p, int b, acc_t sh, acc_t sw, TapEntry<acc_t>* taps,
+                                          int tid, int nt) {
+  const int W = static_cast<int>(p.W);
+  const int n = W + static_cast<int>(p.H);  // the table is used only when it fits in shared memory
+  for (int k = tid; k < n; k += nt) {
     const bool col = k < W;
     const LinearTap<acc_t> t = linear_tap<acc_t>(col ? sw : sh, col ? k : k - W, b, col ? W : p.H, p.align);
     taps[k] = TapEntry<acc_t>{static_cast<int>(t.i0), static_cast<int>(t.i1), t.l0, t.l1};
@@ -139,20 +139,22 @@ __global__ void __launch_bounds__(kUbThreads)
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int L = p.lv.num;
-  const int64_t bid = blockIdx.x;
-  const int64_t nl = div_nn(bid, p.rblocks);
-  const int64_t r0 = (bid - nl * p.rblocks) * p.P;
-  const int64_t n = div_nn(nl, L);
-  const int l = static_cast<int>(nl - n * L);
+  // blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions.
+  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
+  const uint32_t nl = blockIdx.x / rblocks;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x - nl * rblocks) * p.P;
+  const uint32_t n32 = nl / static_cast<uint32_t>(L);
+  const int64_t n = n32;
+  const int l = static_cast<int>(nl - n32 * static_cast<uint32_t>(L));
   const int np = static_cast<int>(min(static_cast<int64_t>(p.P), p.R - r0));
   const int b = static_cast<int>(p.lv.bins[l]);
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int TH = p.TH;
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  tap_ranges<acc_t>(p, b, tab, tid, nt);
+  const acc_t sh = static_cast<acc_t>(p.sh[l]);
+  const acc_t sw = static_cast<acc_t>(p.sw[l]);
+  tap_ranges<acc_t>(p, b, sh, sw, tab, tid, nt);
   TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
+  if (p.taps) fill_taps<acc_t>(p, b, sh, sw, taps, tid, nt);
   // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
   const auto wcol = [&](int w, int j) {
     return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
@@ -167,17 +169,19 @@ __global__ void __launch_bounds__(kUbThreads)
   __syncthreads();
 
   acc_t* o = out + (n * p.R + r0) * p.S + p.lv.offs[l];  // plane pp's bins at o[pp * S + i * b + j]
-  const int64_t bb = static_cast<int64_t>(b) * b;
+  const uint32_t ub = static_cast<uint32_t>(b);
+  const int bb = b * b;  // <= 2^24
   // Bins no tap reaches (b > H or b > W) get a zero gradient: whole rows of G here, columns through T's zeros
   // (phase 1 never writes an empty column bin).
-  for (int64_t it = tid; it < np * bb; it += nt) {
-    const int64_t pp = div_nn(it, bb);
-    const int64_t k = it - pp * bb;
-    const int64_t i = div_nn(k, b);
-    if (rlo[i] >= rhi[i]) o[pp * p.S + k] = 0;
+  for (int pp = 0; pp < np; ++pp) {
+    for (int k = tid; k < bb; k += nt) {
+      const int i = static_cast<int>(static_cast<uint32_t>(k) / ub);
+      if (rlo[i] >= rhi[i]) o[pp * p.S + k] = 0;
+    }
   }
-  for (int64_t it = tid; it < static_cast<int64_t>(np) * TH * b; it += nt) {
-    const int64_t j = it - div_nn(it, b) * b;
+  // T lies in shared memory: its indices fit 32 bits, as do every item count below (tile and T sized by the plan).
+  for (int it = tid; it < np * TH * b; it += nt) {
+    const int j = it - static_cast<int>(static_cast<uint32_t>(it) / ub) * b;
     if (clo[j] >= chi[j]) T[it] = 0;
   }
 
@@ -192,9 +196,9 @@ __global__ void __launch_bounds__(kUbThreads)
       // Phase 1: items (plane, row, column bin reaching this tile), column bin fastest.
       const int j0 = first_above(chi, b, w0);
       const int nj = first_above(clo, b, w0 + tw - 1) - j0;
-      for (int64_t it = tid; it < static_cast<int64_t>(np) * th * nj; it += nt) {
-        const int64_t pr = div_nn(it, nj);  // pp * th + hl
-        const int j = j0 + static_cast<int>(it - pr * nj);
+      for (int it = tid; it < np * th * nj; it += nt) {
+        const int pr = static_cast<int>(static_cast<uint32_t>(it) / static_cast<uint32_t>(nj));  // pp * th + hl
+        const int j = j0 + (it - pr * nj);
         const int wa = max(clo[j], w0), wb = min(chi[j], w0 + tw);
         if (wa >= wb) continue;  // an empty column bin
         const scalar_t* row = tile + pr * tw;  // column w at row[w - w0]
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(kUbThreads)
         for (int w = wa; w < wb; ++w) {
           s += wcol(w, j) * static_cast<acc_t>(row[w - w0]);
         }
-        const int64_t pp = div_nn(pr, th);
+        const int pp = static_cast<int>(static_cast<uint32_t>(pr) / static_cast<uint32_t>(th));
         acc_t* d = T + (pp * TH + (pr - pp * th)) * b + j;
         *d = clo[j] >= w0 ? s : *d + s;  // the first tile of this column bin assigns, later ones add
       }
@@ -210,20 +214,20 @@ __global__ void __launch_bounds__(kUbThreads)
     __syncthreads();
     // Phase 2: items (plane, row bin reaching this band, column bin), column bin fastest.
     const int i0 = first_above(rhi, b, h0);
-    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
-    for (int64_t it = tid; it < np * ni * b; it += nt) {
-      const int64_t q = div_nn(it, b);
-      const int j = static_cast<int>(it - q * b);
-      const int64_t pp = div_nn(q, ni);
-      const int i = i0 + static_cast<int>(q - pp * ni);
+    const int ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int it = tid; it < np * ni * b; it += nt) {
+      const int q = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - q * b;
+      const int pp = static_cast<int>(static_cast<uint32_t>(q) / static_cast<uint32_t>(ni));
+      const int i = i0 + (q - pp * ni);
       const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
       if (ha >= hb) continue;  // an empty row bin, zeroed above
       const acc_t* t = T + pp * TH * b + j;  // row h at t[(h - h0) * b]
       acc_t s = 0;
       for (int h = ha; h < hb; ++h) {
-        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b];
+        s += wrow(h, i) * t[(h - h0) * b];
       }
-      acc_t* d = o + pp * p.S + static_cast<int64_t>(i) * b + j;
+      acc_t* d = o + pp * p.S + i * b + j;
       *d = rlo[i] >= h0 ? s : *d + s;  // the first band of this row bin assigns, later ones add (barrier-ordered)
     }
   }
@@ -248,20 +252,22 @@ __global__ void __launch_bounds__(kUbThreads)
   const int grp = tid / tc;
   const int groups = nt / tc;
   const int L = p.lv.num;
-  const int64_t bid = blockIdx.x;
-  const int64_t nl = div_nn(bid, p.rblocks);
-  const int64_t r = (bid - nl * p.rblocks) * tc + cl;
+  // blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions.
+  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
+  const uint32_t nl = blockIdx.x / rblocks;
+  const int64_t r = static_cast<int64_t>(blockIdx.x - nl * rblocks) * tc + cl;
   const bool valid = r < p.R;
-  const int64_t n = div_nn(nl, L);
-  const int l = static_cast<int>(nl - n * L);
+  const uint32_t n32 = nl / static_cast<uint32_t>(L);
+  const int64_t n = n32;
+  const int l = static_cast<int>(nl - n32 * static_cast<uint32_t>(L));
   const int b = static_cast<int>(p.lv.bins[l]);
   const int H = static_cast<int>(p.H);
   const int TH = p.TH;
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  tap_ranges<acc_t>(p, b, tab, tid, nt);
+  const acc_t sh = static_cast<acc_t>(p.sh[l]);
+  const acc_t sw = static_cast<acc_t>(p.sw[l]);
+  tap_ranges<acc_t>(p, b, sh, sw, tab, tid, nt);
   TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
+  if (p.taps) fill_taps<acc_t>(p, b, sh, sw, taps, tid, nt);
   // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
   const auto wcol = [&](int w, int j) {
     return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
@@ -276,16 +282,18 @@ __global__ void __launch_bounds__(kUbThreads)
   __syncthreads();
 
   acc_t* o = out + (n * p.R + r) * p.S + p.lv.offs[l];  // only dereferenced when valid
-  const int64_t bb = static_cast<int64_t>(b) * b;
+  const uint32_t ub = static_cast<uint32_t>(b);
+  const int bb = b * b;  // <= 2^24
   if (valid) {
-    for (int64_t k = grp; k < bb; k += groups) {
-      const int64_t i = div_nn(k, b);
+    for (int k = grp; k < bb; k += groups) {
+      const int i = static_cast<int>(static_cast<uint32_t>(k) / ub);
       if (rlo[i] >= rhi[i]) o[k] = 0;
     }
   }
-  for (int64_t it = tid; it < static_cast<int64_t>(TH) * b * tc; it += nt) {
-    const int64_t e = div_nn(it, tc);
-    const int64_t j = e - div_nn(e, b) * b;
+  // T lies in shared memory: its indices fit 32 bits, as do the item counts below.
+  for (int it = tid; it < TH * b * tc; it += nt) {
+    const int e = static_cast<int>(static_cast<uint32_t>(it) / static_cast<uint32_t>(tc));
+    const int j = e - static_cast<int>(static_cast<uint32_t>(e) / ub) * b;
     if (clo[j] >= chi[j]) T[it] = 0;
   }
 
@@ -294,14 +302,14 @@ __global__ void __launch_bounds__(kUbThreads)
   for (int h0 = 0; h0 < H; h0 += TH) {
     const int th = min(TH, H - h0);
     __syncthreads();  // zeros and tables written; the previous band's phase 2 is done with T
-    for (int64_t it = grp; it < static_cast<int64_t>(th) * b; it += groups) {
-      const int64_t hl = div_nn(it, b);
-      const int j = static_cast<int>(it - hl * b);
+    for (int it = grp; it < th * b; it += groups) {
+      const int hl = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - hl * b;
       const int wa = clo[j], wb = chi[j];
       if (wa >= wb) continue;  // an empty column bin
       acc_t s = 0;
       if (valid) {
-        const scalar_t* q = gn + ((h0 + hl) * p.W + wa) * Ctot;
+        const scalar_t* q = gn + (static_cast<int64_t>(h0 + hl) * p.W + wa) * Ctot;
         int w = wa;
         // Four independent loads in flight before their multiply-adds.
         for (; w + 4 <= wb; w += 4) {
@@ -324,20 +332,20 @@ __global__ void __launch_bounds__(kUbThreads)
     }
     __syncthreads();
     const int i0 = first_above(rhi, b, h0);
-    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
-    for (int64_t it = grp; it < ni * b; it += groups) {
-      const int64_t q = div_nn(it, b);
-      const int j = static_cast<int>(it - q * b);
-      const int i = i0 + static_cast<int>(q);
+    const int ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int it = grp; it < ni * b; it += groups) {
+      const int q = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - q * b;
+      const int i = i0 + q;
       const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
       if (ha >= hb) continue;  // an empty row bin, zeroed above
-      const acc_t* t = T + static_cast<int64_t>(j) * tc + cl;  // row h at t[(h - h0) * b * tc]
+      const acc_t* t = T + j * tc + cl;  // row h at t[(h - h0) * b * tc]
       acc_t s = 0;
       for (int h = ha; h < hb; ++h) {
-        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b * tc];
+        s += wrow(h, i) * t[(h - h0) * b * tc];
       }
       if (valid) {
-        acc_t* d = o + static_cast<int64_t>(i) * b + j;
+        acc_t* d = o + i * b + j;
         *d = rlo[i] >= h0 ? s : *d + s;
       }
     }
@@ -410,6 +418,10 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   p.off_taps = static_cast<int>(align16(smem));
   p.taps = taps_b <= 16 * 1024 && p.off_taps + taps_b <= (smem <= kDefaultSmem ? kDefaultSmem : optin);
   if (p.taps) smem = p.off_taps + taps_b;
+  for (int l = 0; l < p.lv.num; ++l) {
+    p.sh[l] = static_cast<double>(linear_scale<acc_t>(p.lv.bins[l], p.H, p.align));
+    p.sw[l] = static_cast<double>(linear_scale<acc_t>(p.lv.bins[l], p.W, p.align));
+  }
   p.rblocks = ceil_div(p.R, p.P);
   const int64_t blocks = N * L * p.rblocks;
   TORCH_CHECK(blocks <= INT32_MAX, op, ": N * levels * R = ", N * L * p.R, " is too large for one launch");
@@ -484,46 +496,80 @@ struct PoolBwdParams {
   int64_t cchunks; // channels_last: ceil(C / tc)
   int rows;        // row table entries per level
   int off_col, off_row;  // dynamic shared memory byte offsets (q at 0)
-  FastDiv wdiv;    // NCHW: position / W
+  FastDiv wdiv;    // position / W (positions within a plane are int32: H * W <= INT32_MAX / 2)
+  float rh, rw;    // 1 / H and 1 / W (float, host-computed): the estimates of pool_bins_of's divisions
+  double rc;       // 1 / C: (n, c) of a block's first plane by div_est
 };
 
 // Bins of a level of b that contain index x of an extent n (pool_start <= x < pool_end): first = floor(x*b / n),
-// last = floor(((x + 1) * b - 1) / n), packed as first | last << 16 (b <= kMaxBin).
-__device__ __forceinline__ uint32_t pool_bins_of(int64_t x, int64_t b, int64_t n) {
-  const int64_t first = div_nn(x * b, n);
-  const int64_t last = div_nn((x + 1) * b - 1, n);
+// last = floor(((x + 1) * b - 1) / n), packed as first | last << 16 (b <= kMaxBin). div_est: no division.
+__device__ __forceinline__ uint32_t pool_bins_of(int x, int b, int64_t n, float rn) {
+  const int64_t xb = static_cast<int64_t>(x) * b;
+  const int64_t first = div_est(xb, n, rn);
+  const int64_t last = div_est(xb + b - 1, n, rn);
   return static_cast<uint32_t>(first) | (static_cast<uint32_t>(last) << 16);
 }
 
-// pool_end(i, k, n) - pool_start(i, k, n) through the 32-bit division fast path.
-__device__ __forceinline__ int64_t pool_len(int64_t i, int64_t k, int64_t n) {
-  return div_nn((i + 1) * n + k - 1, k) - div_nn(i * n, k);
+// pool_end(i, k, n) - pool_start(i, k, n) for n < 2^31, k <= 2^16, in 32-bit arithmetic: with n = qn k + rn,
+// floor(i n / k) = i qn + floor(i rn / k) and ceil((i + 1) n / k) = (i + 1) qn + ceil((i + 1) rn / k), every
+// product below 2^32 (i < k, rn < k).
+__device__ __forceinline__ int pool_len(int i, int k, int64_t n) {
+  const uint32_t n32 = static_cast<uint32_t>(n), k32 = static_cast<uint32_t>(k), i32 = static_cast<uint32_t>(i);
+  const uint32_t qn = n32 / k32;
+  const uint32_t rn = n32 - qn * k32;
+  return static_cast<int>(qn + ((i32 + 1) * rn + k32 - 1) / k32 - (i32 * rn) / k32);
 }
 
 // grad_pooled[idx] / kh_i / kw_j in acc_t (the forward's sum / kh / kw, transposed).
 template <typename acc_t>
-__device__ __forceinline__ acc_t pool_share(const PoolBwdParams& p, const void* gp, int64_t idx, int64_t b,
-                                            int64_t i, int64_t j) {
-  const int64_t kh = pool_len(i, b, p.H);
-  const int64_t kw = pool_len(j, b, p.W);
+__device__ __forceinline__ acc_t pool_share(const PoolBwdParams& p, const void* gp, int64_t idx, int b, int i, int j) {
+  const int kh = pool_len(i, b, p.H);
+  const int kw = pool_len(j, b, p.W);
   return load_level<acc_t>(gp, p.gp_double, idx) / static_cast<acc_t>(kh) / static_cast<acc_t>(kw);
 }
 
-// Fills the tables for positions [pos0, pos1): colr[l * W + w] for every column, rowr[l * rows + h - h_lo] for the
-// rows the positions touch.
-__device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t* colr, uint32_t* rowr, int64_t pos0,
-                                                int64_t pos1, int tid, int nt) {
-  const int L = p.lv.num;
-  for (int64_t it = tid; it < L * p.W; it += nt) {
-    const int64_t l = div_nn(it, p.W);
-    colr[it] = pool_bins_of(it - l * p.W, p.lv.bins[l], p.W);
+// The same, per use in the GENERIC kernels' element loops: float divisions there as __fdividef (2 ulp, no slow-path
+// call, whose register saves spilled); float64 keeps the IEEE division. Staged q keeps pool_share's exact quotients.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pool_share_fast(const PoolBwdParams& p, const void* gp, int64_t idx, int b, int i,
+                                                 int j) {
+  const acc_t kh = static_cast<acc_t>(pool_len(i, b, p.H));
+  const acc_t kw = static_cast<acc_t>(pool_len(j, b, p.W));
+  const acc_t v = load_level<acc_t>(gp, p.gp_double, idx);
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(acc_t) == 4) return __fdividef(__fdividef(v, kh), kw);
+#endif
+  return v / kh / kw;
+}
+
+// Fills the tables for the rows [h_lo, h_lo + nrows) a block's positions touch and every column:
+// colr[l * W + w], rowr[l * rows + h - h_lo].
+__device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t* colr, uint32_t* rowr, int h_lo,
+                                                int nrows, int tid, int nt) {
+  const int W = static_cast<int>(p.W);
+  for (int l = 0; l < p.lv.num; ++l) {
+    const int b = static_cast<int>(p.lv.bins[l]);
+    for (int w = tid; w < W; w += nt) colr[l * W + w] = pool_bins_of(w, b, p.W, p.rw);
+    for (int hr = tid; hr < nrows; hr += nt) rowr[l * p.rows + hr] = pool_bins_of(h_lo + hr, b, p.H, p.rh);
   }
-  const int64_t h_lo = div_nn(pos0, p.W);
-  const int64_t nrows = div_nn(pos1 - 1, p.W) - h_lo + 1;
-  for (int64_t it = tid; it < L * nrows; it += nt) {
-    const int64_t l = div_nn(it, nrows);
-    const int64_t hr = it - l * nrows;
-    rowr[l * p.rows + hr] = pool_bins_of(h_lo + hr, p.lv.bins[l], p.H);
+}
+
+// Staged q rows: q[u * ustride + k * kstride] = grad_pooled[g0 + u * S + k] / kh / kw for u < nu units (planes or
+// channels), k < S; S < 2^31 and nu * S within shared memory, so 32-bit indices and divisions.
+template <typename acc_t>
+__device__ __forceinline__ void pool_bwd_stage_q(const PoolBwdParams& p, const void* gp, int64_t g0, int nu,
+                                                 acc_t* q, int ustride, int kstride, int tid, int nt) {
+  const uint32_t S = static_cast<uint32_t>(p.S);
+  const uint32_t items = static_cast<uint32_t>(nu) * S;
+  for (uint32_t it = tid; it < items; it += nt) {
+    const uint32_t u = it / S;
+    const uint32_t k = it - u * S;
+    const int l = level_of(p.lv.offs, p.lv.num, k);
+    const uint32_t b = static_cast<uint32_t>(p.lv.bins[l]);
+    const uint32_t kk = k - static_cast<uint32_t>(p.lv.offs[l]);
+    const uint32_t i = kk / b;
+    q[u * ustride + k * kstride] = pool_share<acc_t>(p, gp, g0 + it, static_cast<int>(b), static_cast<int>(i),
+                                                     static_cast<int>(kk - i * b));
   }
 }
 
@@ -571,30 +617,30 @@ __global__ void __launch_bounds__(kPbThreads)
     pos0 = 0;
     pos1 = static_cast<int>(HW);
   } else {
-    plane0 = div_nn(blockIdx.x, p.chunks);
-    pos0 = static_cast<int>((blockIdx.x - plane0 * p.chunks) * p.E);
-    pos1 = static_cast<int>(min(HW, pos0 + p.E));
+    const uint32_t chunks = static_cast<uint32_t>(p.chunks);  // blocks = planes * chunks <= INT32_MAX
+    const uint32_t pl = blockIdx.x / chunks;
+    plane0 = pl;
+    pos0 = static_cast<int>((blockIdx.x - pl * chunks) * static_cast<uint32_t>(p.E));
+    pos1 = static_cast<int>(min(HW, static_cast<int64_t>(pos0) + p.E));
     np = 1;
   }
-  if (stage_q) {
-    for (int64_t it = tid; it < np * S; it += nt) {
-      const int64_t pp = div_nn(it, S);
-      const int64_t k = it - pp * S;
-      const int l = level_of(p.lv.offs, L, k);
-      const int64_t b = p.lv.bins[l];
-      const int64_t kk = k - p.lv.offs[l];
-      const int64_t i = div_nn(kk, b);
-      q[it] = pool_share<acc_t>(p, gp, plane0 * S + it, b, i, kk - i * b);
-    }
+  if (stage_q) pool_bwd_stage_q<acc_t>(p, gp, plane0 * S, np, q, static_cast<int>(S), 1, tid, nt);
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  if (tabs) {
+    pool_bwd_tables(p, colr, rowr, h_lo, static_cast<int>(fast_div(p.wdiv, pos1 - 1)) - h_lo + 1, tid, nt);
   }
-  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
   __syncthreads();
 
-  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
-  for (int pp = 0; pp < np; ++pp) {
+  // (n, c) of plane0, then stepped per plane: no division in the plane loop.
+  int64_t n = div_est(plane0, p.C, p.rc);
+  int64_t c = plane0 - n * p.C;
+  for (int pp = 0; pp < np; ++pp, ++c) {
+    if (c == p.C) {
+      c = 0;
+      ++n;
+    }
     const int64_t plane = plane0 + pp;
-    const int64_t n = div_nn(plane, p.C);
-    const scalar_t* g = go + (n * p.C2 + (plane - n * p.C)) * HW;
+    const scalar_t* g = go + (n * p.C2 + c) * HW;
     scalar_t* o = out + plane * HW;
     const acc_t* qp = q + pp * S;
     const int64_t gbase = plane * S;
@@ -602,20 +648,29 @@ __global__ void __launch_bounds__(kPbThreads)
     const auto value = [&](int h, int w, scalar_t gv) {
       acc_t s = 0;
       for (int l = 0; l < L; ++l) {
-        const int64_t b = p.lv.bins[l];
+        const int b = static_cast<int>(p.lv.bins[l]);
         const int off = static_cast<int>(p.lv.offs[l]);
-        const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
-        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W);
+        const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H, p.rh);
+        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W, p.rw);
         const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
         for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
-          const int row = off + i * static_cast<int>(b);
+          const int row = off + i * b;
           for (int j = j0; j <= j1; ++j) {
-            s += stage_q ? qp[row + j] : pool_share<acc_t>(p, gp, gbase + row + j, b, i, j);
+            s += stage_q ? qp[row + j] : pool_share_fast<acc_t>(p, gp, gbase + row + j, b, i, j);
           }
         }
       }
       return static_cast<scalar_t>(static_cast<acc_t>(gv) + s);
     };
+    if constexpr (GENERIC) {
+      // The fallback (tables or q not in shared memory: per-element bin searches and divisions bound it, not bytes):
+      // one element per thread, coalesced scalar accesses, no vector unpacked into a per-element array.
+      for (int e = pos0 + tid; e < pos1; e += nt) {
+        const int h = static_cast<int>(fast_div(p.wdiv, e));
+        o[e] = value(h, e - h * W, g[e]);
+      }
+      continue;
+    }
     const int a = static_cast<int>(reinterpret_cast<uintptr_t>(o + pos0) & 15);
     const int head = min(((16 - a) & 15) / static_cast<int>(sizeof(scalar_t)), pos1 - pos0);
     if (tid < head) {
@@ -674,57 +729,56 @@ __global__ void __launch_bounds__(kPbThreads)
   const bool stage_q = !GENERIC || p.stage_q;
   const bool tabs = !GENERIC || p.tabs;
   const int tc = p.tc;
-  const int64_t per_n = p.cchunks * p.chunks;
-  const int64_t n = div_nn(blockIdx.x, per_n);
-  const int64_t rem = blockIdx.x - n * per_n;
-  const int64_t cb = div_nn(rem, p.chunks);
-  const int64_t c0 = cb * tc;
+  // blocks = N * cchunks * chunks <= INT32_MAX: 32-bit divisions.
+  const uint32_t chunks = static_cast<uint32_t>(p.chunks);
+  const uint32_t per_n = static_cast<uint32_t>(p.cchunks) * chunks;
+  const uint32_t n32 = blockIdx.x / per_n;
+  const uint32_t rem = blockIdx.x - n32 * per_n;
+  const uint32_t cb = rem / chunks;
+  const int64_t n = n32;
+  const int64_t c0 = static_cast<int64_t>(cb) * tc;
   const int nc = static_cast<int>(min(static_cast<int64_t>(tc), p.C - c0));
-  const int64_t pos0 = (rem - cb * p.chunks) * p.E;
-  const int64_t pos1 = min(HW, pos0 + p.E);
+  const int pos0 = static_cast<int>((rem - cb * chunks) * static_cast<uint32_t>(p.E));  // H * W <= INT32_MAX / 2
+  const int pos1 = static_cast<int>(min(HW, static_cast<int64_t>(pos0) + p.E));
   const int64_t gbase = (n * p.C + c0) * S;  // grad_pooled rows of this block's channels: one contiguous run
-  if (stage_q) {
-    for (int64_t it = tid; it < nc * S; it += nt) {
-      const int64_t c = div_nn(it, S);
-      const int64_t k = it - c * S;
-      const int l = level_of(p.lv.offs, L, k);
-      const int64_t b = p.lv.bins[l];
-      const int64_t kk = k - p.lv.offs[l];
-      const int64_t i = div_nn(kk, b);
-      q[k * tc + c] = pool_share<acc_t>(p, gp, gbase + it, b, i, kk - i * b);
-    }
+  if (stage_q) pool_bwd_stage_q<acc_t>(p, gp, gbase, nc, q, 1, tc, tid, nt);
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  if (tabs) {
+    pool_bwd_tables(p, colr, rowr, h_lo, static_cast<int>(fast_div(p.wdiv, pos1 - 1)) - h_lo + 1, tid, nt);
   }
-  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
   __syncthreads();
 
-  const int64_t h_lo = div_nn(pos0, p.W);
+  const int W = static_cast<int>(p.W);
   const int cv = nc / VEC;
-  for (int64_t u = tid; u < (pos1 - pos0) * cv; u += nt) {
-    const int64_t px = div_nn(u, cv);
-    const int c = static_cast<int>(u - px * cv) * VEC;
-    const int64_t pos = pos0 + px;
-    const int64_t h = div_nn(pos, p.W);
-    const int64_t w = pos - h * p.W;
+  const int items = (pos1 - pos0) * cv;  // <= E * tc, about kPbChunk (E = kPbChunk / tc)
+  for (int u = tid; u < items; u += nt) {
+    const int px = static_cast<int>(static_cast<uint32_t>(u) / static_cast<uint32_t>(cv));
+    const int c = (u - px * cv) * VEC;
+    const int pos = pos0 + px;
+    const int h = static_cast<int>(fast_div(p.wdiv, pos));
+    const int w = pos - h * W;
     const AlignedVec<scalar_t, VEC> gv = load_vec<scalar_t, VEC>(go + (n * HW + pos) * p.C2 + c0 + c);
     acc_t s[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s[k] = 0;
     for (int l = 0; l < L; ++l) {
-      const int64_t b = p.lv.bins[l];
-      const int64_t off = p.lv.offs[l];
-      const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
-      const uint32_t cr = tabs ? colr[l * p.W + w] : pool_bins_of(w, b, p.W);
+      const int b = static_cast<int>(p.lv.bins[l]);
+      const int off = static_cast<int>(p.lv.offs[l]);
+      const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H, p.rh);
+      const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W, p.rw);
       const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
       for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
-        const int64_t row = off + i * b;
+        const int row = off + i * b;
         for (int j = j0; j <= j1; ++j) {
           if (stage_q) {
-            const acc_t* qk = q + (row + j) * tc + c;
+            const acc_t* qk = q + static_cast<int64_t>(row + j) * tc + c;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) s[k] += qk[k];
           } else {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) s[k] += pool_share<acc_t>(p, gp, gbase + (c + k) * S + row + j, b, i, j);
+            for (int k = 0; k < VEC; ++k) {
+              s[k] += pool_share_fast<acc_t>(p, gp, gbase + static_cast<int64_t>(c + k) * S + row + j, b, i, j);
+            }
           }
         }
       }
@@ -752,6 +806,11 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
   const bool vec = cl && ptrs_aligned && p.C % V == 0 && p.C2 % V == 0;
   const int64_t vw = vec ? V : 1;
   const int64_t optin = smem_optin();
+  TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
+  p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
+  p.rh = 1.0f / static_cast<float>(p.H);
+  p.rw = 1.0f / static_cast<float>(p.W);
+  p.rc = 1.0 / static_cast<double>(p.C);
 
   // Shared memory of a plan: q for `units` planes (NCHW) or channels (channels_last), tables for W columns and the
   // rows that `positions` consecutive positions may touch.
@@ -799,8 +858,6 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
       kernel<<<static_cast<unsigned>(blocks), kPbThreads, smem, stream>>>(gp.const_data_ptr(), gop, op_, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
-    p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
     if (!(p.stage_q && p.tabs)) {
       launch(pool_bwd_nchw_kernel<scalar_t, acc_t, true>);
     } else {
