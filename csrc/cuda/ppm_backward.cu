@@ -42,6 +42,11 @@ namespace {
 using at::Tensor;
 
 constexpr int kTileBytes = 16 * 1024;  // NCHW: bytes of grad_out staged in shared memory per step
+// Every kernel here declares 4 resident 256-thread blocks per SM, an explicit limit of 64 registers: without a
+// limit, ptxas's own register target spilled values to local memory (up_bwd_cl_kernel 8 bytes at 48 registers on
+// sm_90; pool_bwd_nchw_kernel<*, true> 24 bytes at 32 and up_bwd_nchw_kernel<float> 24 at 48 on sm_80; CUDA 13.0)
+// that the explicit limit compiles without (tools/sass_report.py: stack 0 for both archs).
+constexpr int kMinBlocks = 4;
 
 // ------------------------------------------------------------------------------------------------------------------
 // upsample_concat_backward
@@ -129,7 +134,7 @@ __device__ __forceinline__ int first_above(const int* a, int n, int64_t v) {
 // loads. Per tile, T[p][h][j] (+)= the tile's part of column bin j's sum (first tile of j assigns); per band,
 // G[p][i][j] (+)= the band's part of row bin i's sum, in global memory (first band of i assigns).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kUbThreads)
+__global__ void __launch_bounds__(kUbThreads, kMinBlocks)
     up_bwd_nchw_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
@@ -234,13 +239,16 @@ __global__ void __launch_bounds__(kUbThreads)
 }
 
 // channels_last: grad_out (N, H, W, Ctot) in memory. One block per (n, level, chunk of tc = P level channels);
-// thread (group, c) with c fastest, so every load of a pixel's tc channels is one coalesced run. Per band of TH
-// rows, the groups take the (row, column bin) items of T round robin and read grad_out directly (a column bin's
-// columns are contiguous pixels; only the one or two columns shared with a neighbour bin are read twice), then the
-// (row bin, column bin) items of G. T[(hl * b + j) * tc + c] in shared memory.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kUbThreads)
+// thread (group, c) with c fastest takes VEC consecutive channels c .. c + VEC of a pixel (one 16-byte load when
+// VEC > 1: C and R multiples of VEC and grad_out aligned, so every pixel's level channels are aligned runs), so
+// every load of a pixel's tc channels is one coalesced run. Per band of TH rows, the groups take the (row, column
+// bin) items of T round robin and read grad_out directly (a column bin's columns are contiguous pixels; only the one
+// or two columns shared with a neighbour bin are read twice), then the (row bin, column bin) items of G.
+// T[(hl * b + j) * tc + c] in shared memory. Every channel's sums run in the same order for any VEC.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kUbThreads, kMinBlocks)
     up_bwd_cl_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
+  using Vec = AlignedVec<scalar_t, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);
   int* tab = reinterpret_cast<int*>(smem + p.off_tab);
@@ -248,15 +256,16 @@ __global__ void __launch_bounds__(kUbThreads)
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int tc = p.P;
-  const int cl = tid % tc;
-  const int grp = tid / tc;
-  const int groups = nt / tc;
+  const int tpp = tc / VEC;  // threads per pixel
+  const int cl = (tid % tpp) * VEC;
+  const int grp = tid / tpp;
+  const int groups = nt / tpp;
   const int L = p.lv.num;
   // blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions.
   const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
   const uint32_t nl = blockIdx.x / rblocks;
   const int64_t r = static_cast<int64_t>(blockIdx.x - nl * rblocks) * tc + cl;
-  const bool valid = r < p.R;
+  const bool valid = r < p.R;  // VEC > 1: R % VEC == 0, so all VEC channels exist
   const uint32_t n32 = nl / static_cast<uint32_t>(L);
   const int64_t n = n32;
   const int l = static_cast<int>(nl - n32 * static_cast<uint32_t>(L));
@@ -281,13 +290,17 @@ __global__ void __launch_bounds__(kUbThreads)
   const int* chi = tab + 3 * b;
   __syncthreads();
 
-  acc_t* o = out + (n * p.R + r) * p.S + p.lv.offs[l];  // only dereferenced when valid
+  const int64_t S = p.S;
+  acc_t* o = out + (n * p.R + r) * S + p.lv.offs[l];  // channel r + m at o + m * S; only dereferenced when valid
   const uint32_t ub = static_cast<uint32_t>(b);
   const int bb = b * b;  // <= 2^24
   if (valid) {
     for (int k = grp; k < bb; k += groups) {
       const int i = static_cast<int>(static_cast<uint32_t>(k) / ub);
-      if (rlo[i] >= rhi[i]) o[k] = 0;
+      if (rlo[i] >= rhi[i]) {
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) o[m * S + k] = 0;
+      }
     }
   }
   // T lies in shared memory: its indices fit 32 bits, as do the item counts below.
@@ -307,28 +320,36 @@ __global__ void __launch_bounds__(kUbThreads)
       const int j = it - hl * b;
       const int wa = clo[j], wb = chi[j];
       if (wa >= wb) continue;  // an empty column bin
-      acc_t s = 0;
+      acc_t s[VEC];
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) s[m] = 0;
       if (valid) {
         const scalar_t* q = gn + (static_cast<int64_t>(h0 + hl) * p.W + wa) * Ctot;
         int w = wa;
-        // Four independent loads in flight before their multiply-adds.
-        for (; w + 4 <= wb; w += 4) {
-          const acc_t v0 = static_cast<acc_t>(q[0]);
-          const acc_t v1 = static_cast<acc_t>(q[Ctot]);
-          const acc_t v2 = static_cast<acc_t>(q[2 * Ctot]);
-          const acc_t v3 = static_cast<acc_t>(q[3 * Ctot]);
-          s += wcol(w, j) * v0;
-          s += wcol(w + 1, j) * v1;
-          s += wcol(w + 2, j) * v2;
-          s += wcol(w + 3, j) * v3;
-          q += 4 * Ctot;
+        // Independent loads in flight before their multiply-adds: four scalars or two 16-byte vectors.
+        constexpr int U = VEC > 1 ? 2 : 4;
+        for (; w + U <= wb; w += U) {
+          Vec e[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) e[u] = load_vec<scalar_t, VEC>(q + u * Ctot);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const acc_t wt = wcol(w + u, j);
+#pragma unroll
+            for (int m = 0; m < VEC; ++m) s[m] += wt * static_cast<acc_t>(e[u].v[m]);
+          }
+          q += U * Ctot;
         }
         for (; w < wb; ++w) {
-          s += wcol(w, j) * static_cast<acc_t>(q[0]);
+          const Vec e0 = load_vec<scalar_t, VEC>(q);
+          const acc_t wt = wcol(w, j);
+#pragma unroll
+          for (int m = 0; m < VEC; ++m) s[m] += wt * static_cast<acc_t>(e0.v[m]);
           q += Ctot;
         }
       }
-      T[it * tc + cl] = s;
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) T[it * tc + cl + m] = s[m];
     }
     __syncthreads();
     const int i0 = first_above(rhi, b, h0);
@@ -340,13 +361,20 @@ __global__ void __launch_bounds__(kUbThreads)
       const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
       if (ha >= hb) continue;  // an empty row bin, zeroed above
       const acc_t* t = T + j * tc + cl;  // row h at t[(h - h0) * b * tc]
-      acc_t s = 0;
+      acc_t s[VEC];
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) s[m] = 0;
       for (int h = ha; h < hb; ++h) {
-        s += wrow(h, i) * t[(h - h0) * b * tc];
+        const acc_t wt = wrow(h, i);
+        const acc_t* th_ = t + (h - h0) * b * tc;
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) s[m] += wt * th_[m];
       }
       if (valid) {
         acc_t* d = o + i * b + j;
-        *d = rlo[i] >= h0 ? s : *d + s;
+        const bool first = rlo[i] >= h0;
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) d[m * S] = first ? s[m] : d[m * S] + s[m];
       }
     }
   }
@@ -363,6 +391,9 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   const int64_t tab_b = align16(4 * maxb * 4);
   const int64_t optin = smem_optin();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  // channels_last: 16-byte vectors of V level channels when every pixel's level channels start aligned.
+  constexpr int V = 16 / sizeof(scalar_t);
+  const bool vec = cl && aligned16(g.const_data_ptr()) && p.C % V == 0 && p.R % V == 0;
   int64_t smem = 0;
   if (!cl) {
     const int64_t E = kTileBytes / esz;  // tile elements
@@ -390,9 +421,11 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   } else {
     int64_t tc = 1;
     while (tc < p.R && tc < 32) tc *= 2;
-    // Fewer channels per block when there would be too few blocks, down to one 32-byte sector per pixel.
+    // Fewer channels per block when there would be too few blocks, down to one 32-byte sector per pixel (and, for
+    // 16-byte vectors, never below one vector: tc >= V, as R % V == 0 and 32 >= V make the doubling reach it).
     const int64_t sms = sm_count();
     while (tc * esz > 32 && N * L * ceil_div(p.R, tc) < 2 * sms) tc /= 2;
+    const int64_t tc_min = vec ? V : 1;
     auto rows_for = [&](int64_t t) {
       return std::max<int64_t>(1, std::min<int64_t>(p.H, kUbClTBytes / (maxb * t * asz)));
     };
@@ -403,7 +436,7 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
       return t_b + tab_b;
     };
     smem = layout(tc, rows_for(tc));
-    while (smem > kDefaultSmem && tc > 1) {
+    while (smem > kDefaultSmem && tc > tc_min) {
       tc /= 2;
       smem = layout(tc, rows_for(tc));
     }
@@ -425,11 +458,19 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   p.rblocks = ceil_div(p.R, p.P);
   const int64_t blocks = N * L * p.rblocks;
   TORCH_CHECK(blocks <= INT32_MAX, op, ": N * levels * R = ", N * L * p.R, " is too large for one launch");
-  auto kernel = cl ? up_bwd_cl_kernel<scalar_t, acc_t> : up_bwd_nchw_kernel<scalar_t, acc_t>;
-  allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(blocks), kUbThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
-                                                                     out.mutable_data_ptr<acc_t>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto launch = [&](auto kernel) {
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(blocks), kUbThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
+                                                                       out.mutable_data_ptr<acc_t>(), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!cl) {
+    launch(up_bwd_nchw_kernel<scalar_t, acc_t>);
+  } else if (vec) {
+    launch(up_bwd_cl_kernel<scalar_t, acc_t, V>);
+  } else {
+    launch(up_bwd_cl_kernel<scalar_t, acc_t, 1>);
+  }
 }
 
 Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
@@ -591,7 +632,7 @@ __device__ __forceinline__ void store16(void* p, const uint4& u) {
 // multiply-high once per vector, then w steps; the bins of (h, w) from the row and column tables (or, GENERIC, per
 // use). Vectors never span two planes.
 template <typename scalar_t, typename acc_t, bool GENERIC>
-__global__ void __launch_bounds__(kPbThreads)
+__global__ void __launch_bounds__(kPbThreads, kMinBlocks)
     pool_bwd_nchw_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
                          const __grid_constant__ PoolBwdParams p) {
   constexpr int V = 16 / sizeof(scalar_t);
@@ -713,7 +754,7 @@ __global__ void __launch_bounds__(kPbThreads)
 // chunk of E pixels); a thread takes VEC consecutive channels of one pixel (one 16-byte load and store), so the
 // bin lookups of a pixel serve VEC channels. q[k * tc + c]: a bin's tc channels side by side.
 template <typename scalar_t, typename acc_t, int VEC, bool GENERIC>
-__global__ void __launch_bounds__(kPbThreads)
+__global__ void __launch_bounds__(kPbThreads, kMinBlocks)
     pool_bwd_cl_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
                        const __grid_constant__ PoolBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
