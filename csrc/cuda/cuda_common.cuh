@@ -49,6 +49,22 @@ __device__ __forceinline__ int64_t div_est(int64_t a, int64_t n, F rn) {
   return q;
 }
 
+// pool_start / pool_end (ppm_math.h) for 0 <= i < k <= 2^16 and n < 2^31, in 32-bit arithmetic (no 64-bit division):
+// with n = qn k + rn, floor(i n / k) = i qn + floor(i rn / k) and ceil((i + 1) n / k) = (i + 1) qn +
+// ceil((i + 1) rn / k); every product stays below 2^32 (i < k, rn < k).
+__device__ __forceinline__ int pool_start32(int i, int k, int n) {
+  const uint32_t k32 = static_cast<uint32_t>(k), i32 = static_cast<uint32_t>(i);
+  const uint32_t qn = static_cast<uint32_t>(n) / k32;
+  const uint32_t rn = static_cast<uint32_t>(n) - qn * k32;
+  return static_cast<int>(i32 * qn + (i32 * rn) / k32);
+}
+__device__ __forceinline__ int pool_end32(int i, int k, int n) {
+  const uint32_t k32 = static_cast<uint32_t>(k), i1 = static_cast<uint32_t>(i) + 1;
+  const uint32_t qn = static_cast<uint32_t>(n) / k32;
+  const uint32_t rn = static_cast<uint32_t>(n) - qn * k32;
+  return static_cast<int>(i1 * qn + (i1 * rn + k32 - 1) / k32);
+}
+
 // Level holding index v of a prefix-sum table tab (tab[0] = 0 <= v < tab[num]): a flat column of S with tab = offs,
 // a bin row/column index of sum(bins) with tab = boff.
 __device__ __forceinline__ int level_of(const int64_t* tab, int num, int64_t v) {

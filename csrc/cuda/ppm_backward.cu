@@ -551,14 +551,9 @@ __device__ __forceinline__ uint32_t pool_bins_of(int x, int b, int64_t n, float 
   return static_cast<uint32_t>(first) | (static_cast<uint32_t>(last) << 16);
 }
 
-// pool_end(i, k, n) - pool_start(i, k, n) for n < 2^31, k <= 2^16, in 32-bit arithmetic: with n = qn k + rn,
-// floor(i n / k) = i qn + floor(i rn / k) and ceil((i + 1) n / k) = (i + 1) qn + ceil((i + 1) rn / k), every
-// product below 2^32 (i < k, rn < k).
+// pool_end(i, k, n) - pool_start(i, k, n) for n < 2^31, k <= 2^16, in 32-bit arithmetic.
 __device__ __forceinline__ int pool_len(int i, int k, int64_t n) {
-  const uint32_t n32 = static_cast<uint32_t>(n), k32 = static_cast<uint32_t>(k), i32 = static_cast<uint32_t>(i);
-  const uint32_t qn = n32 / k32;
-  const uint32_t rn = n32 - qn * k32;
-  return static_cast<int>(qn + ((i32 + 1) * rn + k32 - 1) / k32 - (i32 * rn) / k32);
+  return pool_end32(i, k, static_cast<int>(n)) - pool_start32(i, k, static_cast<int>(n));
 }
 
 // grad_pooled[idx] / kh_i / kw_j in acc_t (the forward's sum / kh / kw, transposed).
