@@ -74,6 +74,8 @@ struct UpParams {
   int64_t rchunks;      // ceil(R / kUpRChunk)
   int copy_blocks;      // blocks [0, copy_blocks) copy x; the rest compute levels
   int stage_b;          // levels with b <= stage_b are staged in shared memory
+  double rcv;           // 1 / (C / VEC): the copy's pixel by div_est
+  double sh[kMaxLevels], sw[kMaxLevels];  // linear_scale<opmath_t>(b_l, H | W), host-computed (exact in opmath_t)
 };
 
 // NCHW, generic (the tabled kernel's tables would not fit: enormous bins or W): out (N, Ctot, H, W) contiguous.
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(kUpThreads)
     const int64_t cv = p.C / VEC;
     const int64_t stride = static_cast<int64_t>(p.copy_blocks) * blockDim.x;
     for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid; u < p.units; u += stride) {
-      const int64_t pix = div_nn(u, cv);
+      const int64_t pix = div_est(u, cv, p.rcv);  // units may pass 2^32: no 64-bit division (its call spilled)
       const int64_t k = u - pix * cv;
       store_vec<scalar_t, VEC>(out + pix * p.Ctot + p.X0 + k * VEC, load_vec<scalar_t, VEC>(x + pix * p.C + k * VEC));
     }
@@ -271,17 +273,20 @@ __global__ void __launch_bounds__(kUpThreads)
   const int slot = tid / TPP;
   const int slots = blockDim.x / TPP;
   const int L = p.lv.num;
+  // tasks <= INT32_MAX (the launcher checks): 32-bit divisions.
+  const uint32_t rchunks = static_cast<uint32_t>(p.rchunks), H32 = static_cast<uint32_t>(p.H);
   for (int64_t t = lb; t < p.tasks; t += nlb) {
-    int64_t q = t;
-    const int64_t rc = q % p.rchunks;
-    q /= p.rchunks;
-    const int l = static_cast<int>(q % L);
-    q /= L;
-    const int64_t h = q % p.H;
-    const int64_t n = q / p.H;
+    uint32_t q = static_cast<uint32_t>(t);
+    const uint32_t q1 = q / rchunks;
+    const int64_t rc = q - q1 * rchunks;
+    const uint32_t q2 = q1 / static_cast<uint32_t>(L);
+    const int l = static_cast<int>(q1 - q2 * static_cast<uint32_t>(L));
+    const uint32_t n32 = q2 / H32;
+    const int64_t h = q2 - n32 * H32;
+    const int64_t n = n32;
     const int64_t b = p.lv.bins[l];
-    const opmath_t sh = linear_scale<opmath_t>(b, p.H, p.align);
-    const opmath_t sw = linear_scale<opmath_t>(b, p.W, p.align);
+    const opmath_t sh = static_cast<opmath_t>(p.sh[l]);
+    const opmath_t sw = static_cast<opmath_t>(p.sw[l]);
     const LinearTap<opmath_t> th = linear_tap<opmath_t>(sh, h, b, p.H, p.align);
     const int64_t r0c = rc * kUpRChunk + cv * LV;  // this thread's first level channel
     // levels[n, r, off_l + i*b + j] = lvn[r * S + i * b + j]
@@ -289,10 +294,10 @@ __global__ void __launch_bounds__(kUpThreads)
     const bool staged = b <= p.stage_b;  // uniform over the block
     if (staged) {
       __syncthreads();  // the previous task's readers are done with st
-      const int64_t per_row = b * kUpRChunk;
-      for (int64_t e = tid; e < 2 * per_row; e += blockDim.x) {
-        const int64_t row = e / per_row;
-        const int64_t j = (e - row * per_row) / kUpRChunk;
+      const int per_row = static_cast<int>(b) * kUpRChunk;  // b <= stage_b <= kUpStageMaxBin
+      for (int e = tid; e < 2 * per_row; e += blockDim.x) {
+        const int row = e >= per_row ? 1 : 0;
+        const int j = (e - row * per_row) / kUpRChunk;
         const int64_t rr = rc * kUpRChunk + (e & (kUpRChunk - 1));
         const int64_t i = row == 0 ? th.i0 : th.i1;
         st[e] = rr < p.R ? load_level<opmath_t>(lv, p.lv_double, lvn + rr * p.S + i * b + j) : opmath_t(0);
@@ -384,6 +389,12 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
   p.units = p.copy ? N * HW * p.C / vw : 0;
   p.rchunks = ceil_div(p.R, kUpRChunk);
   p.tasks = N * p.H * p.lv.num * p.rchunks;
+  TORCH_CHECK(p.tasks <= INT32_MAX, op, ": N * H * levels * ceil(R / 32) = ", p.tasks, " is too large for one launch");
+  p.rcv = 1.0 / static_cast<double>(std::max<int64_t>(1, p.C / vw));
+  for (int l = 0; l < p.lv.num; ++l) {
+    p.sh[l] = static_cast<double>(linear_scale<opmath_t>(p.lv.bins[l], p.H, p.align));
+    p.sw[l] = static_cast<double>(linear_scale<opmath_t>(p.lv.bins[l], p.W, p.align));
+  }
   int64_t maxb = 1;
   for (int l = 0; l < p.lv.num; ++l) maxb = std::max(maxb, p.lv.bins[l]);
   p.stage_b = static_cast<int>(std::min<int64_t>(maxb, kUpStageMaxBin));
