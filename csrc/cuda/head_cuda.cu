@@ -89,6 +89,7 @@ struct HeadParams {
   int64_t off_col;
   int64_t GS;          // backward: row stride (elements) of the staged grad band
   int64_t total;       // direct kernels: number of output elements
+  double rS, rO;       // backward direct kernel: 1 / S and 1 / O, for div_est
 };
 
 // channels_last epilogue: the column taps of level l at xs (entry l (W + 2) + xs + 1; xs = -1 and W are the zero
@@ -959,24 +960,26 @@ __global__ void __launch_bounds__(kHeadThreads)
 
 // Fallback: one thread per output element (n, c, t, s), grad read from global memory; rows and columns reaching
 // (i, j) found by binary search; the sum runs row by row (a row's columns first), a fixed order.
+// An explicit 128-register limit (2 blocks per SM): under ptxas's own target (64) it spilled 8-16 bytes.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDirectThreads)
+__global__ void __launch_bounds__(kDirectThreads, 2)
     head_bwd_direct_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out,
                            const __grid_constant__ HeadParams p) {
   const int64_t H = p.H, W = p.W, S = p.S;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
-    // div_nn: the 32-bit division whenever the operands fit (every realistic shape), 64-bit only beyond.
-    int64_t r = div_nn(e, S);
+    // div_est (host reciprocals, no 64-bit division: its subroutine call spilled), the constant 9 by multiply-high,
+    // and within a level (si < b^2 <= 2^24) 32 bits.
+    int64_t r = div_est(e, S, p.rS);
     const int64_t sidx = e - r * S;
-    const int64_t r9 = div_nn(r, 9);
+    const int64_t r9 = r / 9;
     const int64_t t = r - r9 * 9;
-    const int64_t n = div_nn(r9, p.O);
+    const int64_t n = div_est(r9, p.O, p.rO);
     const int64_t c = r9 - n * p.O;
     const int l = level_of(p.lv.offs, p.lv.num, sidx);
     const int64_t b = p.lv.bins[l];
-    const int64_t si = sidx - p.lv.offs[l];
-    const int64_t i = div_nn(si, b), j = si - i * b;
+    const uint32_t si = static_cast<uint32_t>(sidx - p.lv.offs[l]);
+    const int64_t i = si / static_cast<uint32_t>(b), j = si - i * b;
     const int64_t dy = t / 3, dx = t - 3 * (t / 3);
     const acc_t sh = level_scale<acc_t>(p, 0, l);
     const acc_t sw = level_scale<acc_t>(p, 1, l);
@@ -1043,6 +1046,8 @@ void launch_backward(const Tensor& g, Tensor& out, HeadParams& p, bool cl) {
   const int64_t smem = plan_backward(p, cl, sizeof(acc_t), head_smem_optin());
   if (smem < 0) {
     p.total = p.N * p.O * 9 * p.S;
+    p.rS = 1.0 / static_cast<double>(p.S);
+    p.rO = 1.0 / static_cast<double>(p.O);
     const int64_t blocks = std::min<int64_t>(ceil_div(p.total, kDirectThreads), int64_t{1} << 20);
     auto direct = head_bwd_direct_kernel<scalar_t, acc_t>;
     direct<<<static_cast<unsigned>(blocks), kDirectThreads, 0, stream>>>(g.const_data_ptr<scalar_t>(),
