@@ -128,6 +128,48 @@ __device__ __forceinline__ int first_above(const int* a, int n, int64_t v) {
   return lo;
 }
 
+// A block's level set-up, the same in both layouts: (image n, level l, chunk of level channels) from the block
+// index (blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions), the level's host-computed scales, its row and column
+// range tables in shared memory (tab: rlo, rhi, clo, chi of b entries each) and, when the plan has room, the tap table
+// (W columns, then H rows); the caller's barrier publishes the tables.
+template <typename acc_t>
+struct UpBwdLevel {
+  int64_t n, chunk;
+  int l, b;
+  acc_t sh, sw;
+  const int* tab;
+  const TapEntry<acc_t>* taps;
+  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
+  __device__ __forceinline__ acc_t wcol(const UpBwdParams& p, int w, int j) const {
+    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
+  }
+  __device__ __forceinline__ acc_t wrow(const UpBwdParams& p, int h, int i) const {
+    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ UpBwdLevel<acc_t> up_bwd_level(const UpBwdParams& p, unsigned char* smem, int tid, int nt) {
+  UpBwdLevel<acc_t> v;
+  const uint32_t L = static_cast<uint32_t>(p.lv.num);
+  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
+  const uint32_t nl = blockIdx.x / rblocks;
+  const uint32_t n32 = nl / L;
+  v.chunk = blockIdx.x - nl * rblocks;
+  v.n = n32;
+  v.l = static_cast<int>(nl - n32 * L);
+  v.b = static_cast<int>(p.lv.bins[v.l]);
+  v.sh = static_cast<acc_t>(p.sh[v.l]);
+  v.sw = static_cast<acc_t>(p.sw[v.l]);
+  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
+  tap_ranges<acc_t>(p, v.b, v.sh, v.sw, tab, tid, nt);
+  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
+  if (p.taps) fill_taps<acc_t>(p, v.b, v.sh, v.sw, taps, tid, nt);
+  v.tab = tab;
+  v.taps = taps;
+  return v;
+}
+
 // NCHW: grad_out (N, Ctot, H, W) contiguous. One block per (n, level, P consecutive level channels): P planes of
 // one level, consecutive in memory. The block streams them through shared memory in tiles contiguous in grad_out
 // (whole planes, a band of whole rows, or a piece of one row; as pool_nchw_kernel), each read once with 16-byte
@@ -139,38 +181,22 @@ __global__ void __launch_bounds__(kUbThreads, kMinBlocks)
   extern __shared__ __align__(16) unsigned char smem[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
   acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);  // T[(pp * TH + hl) * b + j]
-  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
-  const int L = p.lv.num;
-  // blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions.
-  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
-  const uint32_t nl = blockIdx.x / rblocks;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x - nl * rblocks) * p.P;
-  const uint32_t n32 = nl / static_cast<uint32_t>(L);
-  const int64_t n = n32;
-  const int l = static_cast<int>(nl - n32 * static_cast<uint32_t>(L));
+  const UpBwdLevel<acc_t> lvl = up_bwd_level<acc_t>(p, smem, tid, nt);
+  const int64_t n = lvl.n;
+  const int l = lvl.l, b = lvl.b;
+  const int64_t r0 = lvl.chunk * p.P;
   const int np = static_cast<int>(min(static_cast<int64_t>(p.P), p.R - r0));
-  const int b = static_cast<int>(p.lv.bins[l]);
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int TH = p.TH;
-  const acc_t sh = static_cast<acc_t>(p.sh[l]);
-  const acc_t sw = static_cast<acc_t>(p.sw[l]);
-  tap_ranges<acc_t>(p, b, sh, sw, tab, tid, nt);
-  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, sh, sw, taps, tid, nt);
-  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
-  const auto wcol = [&](int w, int j) {
-    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
-  };
-  const auto wrow = [&](int h, int i) {
-    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
-  };
-  const int* rlo = tab;
-  const int* rhi = tab + b;
-  const int* clo = tab + 2 * b;
-  const int* chi = tab + 3 * b;
+  const auto wcol = [&](int w, int j) { return lvl.wcol(p, w, j); };
+  const auto wrow = [&](int h, int i) { return lvl.wrow(p, h, i); };
+  const int* rlo = lvl.tab;
+  const int* rhi = lvl.tab + b;
+  const int* clo = lvl.tab + 2 * b;
+  const int* chi = lvl.tab + 3 * b;
   __syncthreads();
 
   acc_t* o = out + (n * p.R + r0) * p.S + p.lv.offs[l];  // plane pp's bins at o[pp * S + i * b + j]
@@ -251,7 +277,6 @@ __global__ void __launch_bounds__(kUbThreads, kMinBlocks)
   using Vec = AlignedVec<scalar_t, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);
-  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
@@ -260,34 +285,19 @@ __global__ void __launch_bounds__(kUbThreads, kMinBlocks)
   const int cl = (tid % tpp) * VEC;
   const int grp = tid / tpp;
   const int groups = nt / tpp;
-  const int L = p.lv.num;
-  // blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions.
-  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
-  const uint32_t nl = blockIdx.x / rblocks;
-  const int64_t r = static_cast<int64_t>(blockIdx.x - nl * rblocks) * tc + cl;
+  const UpBwdLevel<acc_t> lvl = up_bwd_level<acc_t>(p, smem, tid, nt);
+  const int64_t n = lvl.n;
+  const int l = lvl.l, b = lvl.b;
+  const int64_t r = lvl.chunk * tc + cl;
   const bool valid = r < p.R;  // VEC > 1: R % VEC == 0, so all VEC channels exist
-  const uint32_t n32 = nl / static_cast<uint32_t>(L);
-  const int64_t n = n32;
-  const int l = static_cast<int>(nl - n32 * static_cast<uint32_t>(L));
-  const int b = static_cast<int>(p.lv.bins[l]);
   const int H = static_cast<int>(p.H);
   const int TH = p.TH;
-  const acc_t sh = static_cast<acc_t>(p.sh[l]);
-  const acc_t sw = static_cast<acc_t>(p.sw[l]);
-  tap_ranges<acc_t>(p, b, sh, sw, tab, tid, nt);
-  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, sh, sw, taps, tid, nt);
-  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
-  const auto wcol = [&](int w, int j) {
-    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
-  };
-  const auto wrow = [&](int h, int i) {
-    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
-  };
-  const int* rlo = tab;
-  const int* rhi = tab + b;
-  const int* clo = tab + 2 * b;
-  const int* chi = tab + 3 * b;
+  const auto wcol = [&](int w, int j) { return lvl.wcol(p, w, j); };
+  const auto wrow = [&](int h, int i) { return lvl.wrow(p, h, i); };
+  const int* rlo = lvl.tab;
+  const int* rhi = lvl.tab + b;
+  const int* clo = lvl.tab + 2 * b;
+  const int* chi = lvl.tab + 3 * b;
   __syncthreads();
 
   const int64_t S = p.S;
