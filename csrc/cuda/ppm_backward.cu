@@ -5,8 +5,9 @@
 // Cost per element of grad_out read (upsample_concat_backward) and what bounds it: NCHW, 1/V of a 16-byte load
 // (stage_contiguous: aligned, or two and 4 funnel shifts), a shared load and a multiply-add with the column weight
 // from the block's tap table (W + H entries computed once per block; per use only when the table would not fit);
-// per band, the row pass over b x b bins. channels_last: one 2-byte load per (pixel, level channel), tc channels per
-// pixel group. Bound: bytes of the level channels of grad_out.
+// per band, the row pass over b x b bins. channels_last: one 16-byte load per (pixel, V level channels) when C and R
+// are multiples of V = 16 / element size (else one element per load), tc channels per pixel group. Bound: bytes of
+// the level channels of grad_out.
 // Cost per grad_x element (pyramid_pool_backward): NCHW, 1/V of an aligned 16-byte store (plane heads and tails
 // element-wise, at any H * W) and of a 16-byte grad_out load (two and 4 funnel shifts when grad_out's plane has
 // another alignment), the bins of (h, w) from per-block row / column tables and L short sums of staged
