@@ -35,6 +35,36 @@ __device__ __forceinline__ int64_t div_nn(int64_t a, int64_t b) {
   return a / b;
 }
 
+// floor(a / n) for 0 <= a < 2^53 and n >= 1, with no division instruction (no 64-bit division subroutine call,
+// whose register saves spill): an estimate from rn ~= 1 / n (host-computed in F), within 1 of the quotient while
+// quotient * 3 eps(F) < 1 (float: quotients below 2^20; double: below 2^50), corrected once either way.
+template <typename F>
+__device__ __forceinline__ int64_t div_est(int64_t a, int64_t n, F rn) {
+  int64_t q = static_cast<int64_t>(static_cast<F>(a) * rn);
+  if (q * n > a) {
+    --q;
+  } else if ((q + 1) * n <= a) {
+    ++q;
+  }
+  return q;
+}
+
+// pool_start / pool_end (ppm_math.h) for 0 <= i < k <= 2^16 and n < 2^31, in 32-bit arithmetic (no 64-bit division):
+// with n = qn k + rn, floor(i n / k) = i qn + floor(i rn / k) and ceil((i + 1) n / k) = (i + 1) qn +
+// ceil((i + 1) rn / k); every product stays below 2^32 (i < k, rn < k).
+__device__ __forceinline__ int pool_start32(int i, int k, int n) {
+  const uint32_t k32 = static_cast<uint32_t>(k), i32 = static_cast<uint32_t>(i);
+  const uint32_t qn = static_cast<uint32_t>(n) / k32;
+  const uint32_t rn = static_cast<uint32_t>(n) - qn * k32;
+  return static_cast<int>(i32 * qn + (i32 * rn) / k32);
+}
+__device__ __forceinline__ int pool_end32(int i, int k, int n) {
+  const uint32_t k32 = static_cast<uint32_t>(k), i1 = static_cast<uint32_t>(i) + 1;
+  const uint32_t qn = static_cast<uint32_t>(n) / k32;
+  const uint32_t rn = static_cast<uint32_t>(n) - qn * k32;
+  return static_cast<int>(i1 * qn + (i1 * rn + k32 - 1) / k32);
+}
+
 // Level holding index v of a prefix-sum table tab (tab[0] = 0 <= v < tab[num]): a flat column of S with tab = offs,
 // a bin row/column index of sum(bins) with tab = boff.
 __device__ __forceinline__ int level_of(const int64_t* tab, int num, int64_t v) {
@@ -56,7 +86,7 @@ __device__ __forceinline__ acc_t tap_weight(acc_t scale, int64_t dst, int64_t i,
 // First dst in [0, out) whose taps satisfy i1 >= i (upper = false) or i0 > i (upper = true); out if none. Both taps
 // are non-decreasing in dst, so the destinations reaching source sample i are [bound(false), bound(true)).
 template <typename acc_t>
-__device__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bool align, bool upper) {
+__device__ __forceinline__ int64_t tap_bound(acc_t scale, int64_t i, int64_t in, int64_t out, bool align, bool upper) {
   int64_t lo = 0, hi = out;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;

@@ -89,6 +89,7 @@ struct HeadParams {
   int64_t off_col;
   int64_t GS;          // backward: row stride (elements) of the staged grad band
   int64_t total;       // direct kernels: number of output elements
+  double rS, rO, rH, rW;  // direct kernels: 1 / S, 1 / O, 1 / H, 1 / W (fill_scales), for div_est
 };
 
 // channels_last epilogue: the column taps of level l at xs (entry l (W + 2) + xs + 1; xs = -1 and W are the zero
@@ -540,28 +541,29 @@ __global__ void __launch_bounds__(kDirectThreads)
   const bool cl = p.sC == 1 && O > 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
+    // div_est with the host's reciprocals: no 64-bit division (whose subroutine call is a slow path per element).
     int64_t n, c, y, x;
     if (cl) {  // memory order (n, y, x, c)
-      c = e % O;
-      int64_t r = e / O;
-      x = r % W;
-      r /= W;
-      y = r % H;
-      n = r / H;
+      int64_t r = div_est(e, O, p.rO);
+      c = e - r * O;
+      const int64_t r2 = div_est(r, W, p.rW);
+      x = r - r2 * W;
+      n = div_est(r2, H, p.rH);
+      y = r2 - n * H;
     } else {  // memory order (n, c, y, x)
-      x = e % W;
-      int64_t r = e / W;
-      y = r % H;
-      r /= H;
-      c = r % O;
-      n = r / O;
+      int64_t r = div_est(e, W, p.rW);
+      x = e - r * W;
+      const int64_t r2 = div_est(r, H, p.rH);
+      y = r - r2 * H;
+      n = div_est(r2, O, p.rO);
+      c = r2 - n * O;
     }
     const acc_t* qc = q + (n * O + c) * 9 * S;
     acc_t ctx = 0;
     for (int l = 0; l < p.lv.num; ++l) {
       const int64_t b = p.lv.bins[l];
-      const acc_t sh = linear_scale<acc_t>(b, H, p.align);
-      const acc_t sw = linear_scale<acc_t>(b, W, p.align);
+      const acc_t sh = level_scale<acc_t>(p, 0, l);
+      const acc_t sw = level_scale<acc_t>(p, 1, l);
       for (int t = 0; t < 9; ++t) {
         const int64_t ys = y + t / 3 - 1, xs = x + t % 3 - 1;
         if (ys < 0 || ys >= H || xs < 0 || xs >= W) continue;
@@ -640,6 +642,10 @@ void fill_scales(HeadParams& p) {
     p.scd[0][l] = linear_scale<double>(p.lv.bins[l], p.H, p.align);
     p.scd[1][l] = linear_scale<double>(p.lv.bins[l], p.W, p.align);
   }
+  p.rS = 1.0 / static_cast<double>(std::max<int64_t>(p.S, 1));
+  p.rO = 1.0 / static_cast<double>(std::max<int64_t>(p.O, 1));
+  p.rH = 1.0 / static_cast<double>(std::max<int64_t>(p.H, 1));
+  p.rW = 1.0 / static_cast<double>(std::max<int64_t>(p.W, 1));
 }
 
 int log2_exact(int64_t v) {
@@ -666,6 +672,7 @@ void launch_epilogue(const Tensor& z, const Tensor& q, const Tensor& scale, cons
   const int64_t smem = plan_epilogue(p, cl, reg_taps, sizeof(acc_t), esz, head_smem_optin());
   if (smem < 0) {
     p.total = p.N * p.O * p.H * p.W;
+    fill_scales(p);
     const int64_t blocks = std::min<int64_t>(ceil_div(p.total, kDirectThreads), int64_t{1} << 20);
     auto direct = head_epilogue_direct_kernel<scalar_t, acc_t>;
     direct<<<static_cast<unsigned>(blocks), kDirectThreads, 0, stream>>>(zp, qp, scp, shp, op_, p);
@@ -959,24 +966,26 @@ __global__ void __launch_bounds__(kHeadThreads)
 
 // Fallback: one thread per output element (n, c, t, s), grad read from global memory; rows and columns reaching
 // (i, j) found by binary search; the sum runs row by row (a row's columns first), a fixed order.
+// An explicit 128-register limit (2 blocks per SM): under ptxas's own target (64) it spilled 8-16 bytes.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDirectThreads)
+__global__ void __launch_bounds__(kDirectThreads, 2)
     head_bwd_direct_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out,
                            const __grid_constant__ HeadParams p) {
   const int64_t H = p.H, W = p.W, S = p.S;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.total; e += stride) {
-    // div_nn: the 32-bit division whenever the operands fit (every realistic shape), 64-bit only beyond.
-    int64_t r = div_nn(e, S);
+    // div_est (host reciprocals, no 64-bit division: its subroutine call spilled), the constant 9 by multiply-high,
+    // and within a level (si < b^2 <= 2^24) 32 bits.
+    int64_t r = div_est(e, S, p.rS);
     const int64_t sidx = e - r * S;
-    const int64_t r9 = div_nn(r, 9);
+    const int64_t r9 = r / 9;
     const int64_t t = r - r9 * 9;
-    const int64_t n = div_nn(r9, p.O);
+    const int64_t n = div_est(r9, p.O, p.rO);
     const int64_t c = r9 - n * p.O;
     const int l = level_of(p.lv.offs, p.lv.num, sidx);
     const int64_t b = p.lv.bins[l];
-    const int64_t si = sidx - p.lv.offs[l];
-    const int64_t i = div_nn(si, b), j = si - i * b;
+    const uint32_t si = static_cast<uint32_t>(sidx - p.lv.offs[l]);
+    const int64_t i = si / static_cast<uint32_t>(b), j = si - i * b;
     const int64_t dy = t / 3, dx = t - 3 * (t / 3);
     const acc_t sh = level_scale<acc_t>(p, 0, l);
     const acc_t sw = level_scale<acc_t>(p, 1, l);

@@ -5,8 +5,9 @@
 // Cost per element of grad_out read (upsample_concat_backward) and what bounds it: NCHW, 1/V of a 16-byte load
 // (stage_contiguous: aligned, or two and 4 funnel shifts), a shared load and a multiply-add with the column weight
 // from the block's tap table (W + H entries computed once per block; per use only when the table would not fit);
-// per band, the row pass over b x b bins. channels_last: one 2-byte load per (pixel, level channel), tc channels per
-// pixel group. Bound: bytes of the level channels of grad_out.
+// per band, the row pass over b x b bins. channels_last: one 16-byte load per (pixel, V level channels) when C and R
+// are multiples of V = 16 / element size (else one element per load), tc channels per pixel group. Bound: bytes of
+// the level channels of grad_out.
 // Cost per grad_x element (pyramid_pool_backward): NCHW, 1/V of an aligned 16-byte store (plane heads and tails
 // element-wise, at any H * W) and of a 16-byte grad_out load (two and 4 funnel shifts when grad_out's plane has
 // another alignment), the bins of (h, w) from per-block row / column tables and L short sums of staged
@@ -42,6 +43,11 @@ namespace {
 using at::Tensor;
 
 constexpr int kTileBytes = 16 * 1024;  // NCHW: bytes of grad_out staged in shared memory per step
+// Every kernel here declares 4 resident 256-thread blocks per SM, an explicit limit of 64 registers: without a
+// limit, ptxas's own register target spilled values to local memory (up_bwd_cl_kernel 8 bytes at 48 registers on
+// sm_90; pool_bwd_nchw_kernel<*, true> 24 bytes at 32 and up_bwd_nchw_kernel<float> 24 at 48 on sm_80; CUDA 13.0)
+// that the explicit limit compiles without (tools/sass_report.py: stack 0 for both archs).
+constexpr int kMinBlocks = 4;
 
 // ------------------------------------------------------------------------------------------------------------------
 // upsample_concat_backward
@@ -68,17 +74,17 @@ struct UpBwdParams {
   int off_t, off_tab;  // dynamic shared memory byte offsets of T and of the range tables (the NCHW tile sits at 0)
   bool taps;           // the block's tap table (W columns, then H rows) in shared memory at off_taps
   int off_taps;
+  double sh[kMaxLevels], sw[kMaxLevels];  // linear_scale<acc_t>(b_l, H | W), host-computed (exact as acc_t)
 };
 
 // tab[0..b) = lo, tab[b..2b) = hi of each row bin over H; tab[2b..3b), tab[3b..4b) the same for columns over W.
 template <typename acc_t>
-__device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int64_t b, int* tab, int tid, int nt) {
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  for (int64_t k = tid; k < 4 * b; k += nt) {
-    const int64_t q = div_nn(k, b);
+__device__ __forceinline__ void tap_ranges(const UpBwdParams& p, int b, acc_t sh, acc_t sw, int* tab, int tid,
+                                           int nt) {
+  for (int k = tid; k < 4 * b; k += nt) {
+    const int q = static_cast<int>(static_cast<uint32_t>(k) / static_cast<uint32_t>(b));
     const bool col = q >= 2;
-    tab[k] = tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0);
+    tab[k] = static_cast<int>(tap_bound<acc_t>(col ? sw : sh, k - q * b, b, col ? p.W : p.H, p.align, (q & 1) != 0));
   }
 }
 
@@ -91,11 +97,11 @@ struct TapEntry {
 
 // taps[0, W): the columns' taps of a level of b bins; taps[W, W + H): the rows'.
 template <typename acc_t>
-__device__ __forceinline__ void fill_taps(const UpBwdParams& p, int64_t b, TapEntry<acc_t>* taps, int tid, int nt) {
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  const int64_t W = p.W;
-  for (int64_t k = tid; k < W + p.H; k += nt) {
+__device__ __forceinline__ void fill_taps(const UpBwdParams& p, int b, acc_t sh, acc_t sw, TapEntry<acc_t>* taps,
+                                          int tid, int nt) {
+  const int W = static_cast<int>(p.W);
+  const int n = W + static_cast<int>(p.H);  // the table is used only when it fits in shared memory
+  for (int k = tid; k < n; k += nt) {
     const bool col = k < W;
     const LinearTap<acc_t> t = linear_tap<acc_t>(col ? sw : sh, col ? k : k - W, b, col ? W : p.H, p.align);
     taps[k] = TapEntry<acc_t>{static_cast<int>(t.i0), static_cast<int>(t.i1), t.l0, t.l1};
@@ -123,61 +129,91 @@ __device__ __forceinline__ int first_above(const int* a, int n, int64_t v) {
   return lo;
 }
 
+// A block's level set-up, the same in both layouts: (image n, level l, chunk of level channels) from the block
+// index (blocks = N * L * rblocks <= INT32_MAX: 32-bit divisions), the level's host-computed scales, its row and column
+// range tables in shared memory (tab: rlo, rhi, clo, chi of b entries each) and, when the plan has room, the tap table
+// (W columns, then H rows); the caller's barrier publishes the tables.
+template <typename acc_t>
+struct UpBwdLevel {
+  int64_t n, chunk;
+  int l, b;
+  acc_t sh, sw;
+  const int* tab;
+  const TapEntry<acc_t>* taps;
+  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
+  __device__ __forceinline__ acc_t wcol(const UpBwdParams& p, int w, int j) const {
+    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
+  }
+  __device__ __forceinline__ acc_t wrow(const UpBwdParams& p, int h, int i) const {
+    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ UpBwdLevel<acc_t> up_bwd_level(const UpBwdParams& p, unsigned char* smem, int tid, int nt) {
+  UpBwdLevel<acc_t> v;
+  const uint32_t L = static_cast<uint32_t>(p.lv.num);
+  const uint32_t rblocks = static_cast<uint32_t>(p.rblocks);
+  const uint32_t nl = blockIdx.x / rblocks;
+  const uint32_t n32 = nl / L;
+  v.chunk = blockIdx.x - nl * rblocks;
+  v.n = n32;
+  v.l = static_cast<int>(nl - n32 * L);
+  v.b = static_cast<int>(p.lv.bins[v.l]);
+  v.sh = static_cast<acc_t>(p.sh[v.l]);
+  v.sw = static_cast<acc_t>(p.sw[v.l]);
+  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
+  tap_ranges<acc_t>(p, v.b, v.sh, v.sw, tab, tid, nt);
+  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
+  if (p.taps) fill_taps<acc_t>(p, v.b, v.sh, v.sw, taps, tid, nt);
+  v.tab = tab;
+  v.taps = taps;
+  return v;
+}
+
 // NCHW: grad_out (N, Ctot, H, W) contiguous. One block per (n, level, P consecutive level channels): P planes of
 // one level, consecutive in memory. The block streams them through shared memory in tiles contiguous in grad_out
 // (whole planes, a band of whole rows, or a piece of one row; as pool_nchw_kernel), each read once with 16-byte
 // loads. Per tile, T[p][h][j] (+)= the tile's part of column bin j's sum (first tile of j assigns); per band,
 // G[p][i][j] (+)= the band's part of row bin i's sum, in global memory (first band of i assigns).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kUbThreads)
+__global__ void __launch_bounds__(kUbThreads, kMinBlocks)
     up_bwd_nchw_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
   acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);  // T[(pp * TH + hl) * b + j]
-  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
-  const int L = p.lv.num;
-  const int64_t bid = blockIdx.x;
-  const int64_t nl = div_nn(bid, p.rblocks);
-  const int64_t r0 = (bid - nl * p.rblocks) * p.P;
-  const int64_t n = div_nn(nl, L);
-  const int l = static_cast<int>(nl - n * L);
+  const UpBwdLevel<acc_t> lvl = up_bwd_level<acc_t>(p, smem, tid, nt);
+  const int64_t n = lvl.n;
+  const int l = lvl.l, b = lvl.b;
+  const int64_t r0 = lvl.chunk * p.P;
   const int np = static_cast<int>(min(static_cast<int64_t>(p.P), p.R - r0));
-  const int b = static_cast<int>(p.lv.bins[l]);
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int TH = p.TH;
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  tap_ranges<acc_t>(p, b, tab, tid, nt);
-  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
-  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
-  const auto wcol = [&](int w, int j) {
-    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
-  };
-  const auto wrow = [&](int h, int i) {
-    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
-  };
-  const int* rlo = tab;
-  const int* rhi = tab + b;
-  const int* clo = tab + 2 * b;
-  const int* chi = tab + 3 * b;
+  const auto wcol = [&](int w, int j) { return lvl.wcol(p, w, j); };
+  const auto wrow = [&](int h, int i) { return lvl.wrow(p, h, i); };
+  const int* rlo = lvl.tab;
+  const int* rhi = lvl.tab + b;
+  const int* clo = lvl.tab + 2 * b;
+  const int* chi = lvl.tab + 3 * b;
   __syncthreads();
 
   acc_t* o = out + (n * p.R + r0) * p.S + p.lv.offs[l];  // plane pp's bins at o[pp * S + i * b + j]
-  const int64_t bb = static_cast<int64_t>(b) * b;
+  const uint32_t ub = static_cast<uint32_t>(b);
+  const int bb = b * b;  // <= 2^24
   // Bins no tap reaches (b > H or b > W) get a zero gradient: whole rows of G here, columns through T's zeros
   // (phase 1 never writes an empty column bin).
-  for (int64_t it = tid; it < np * bb; it += nt) {
-    const int64_t pp = div_nn(it, bb);
-    const int64_t k = it - pp * bb;
-    const int64_t i = div_nn(k, b);
-    if (rlo[i] >= rhi[i]) o[pp * p.S + k] = 0;
+  for (int pp = 0; pp < np; ++pp) {
+    for (int k = tid; k < bb; k += nt) {
+      const int i = static_cast<int>(static_cast<uint32_t>(k) / ub);
+      if (rlo[i] >= rhi[i]) o[pp * p.S + k] = 0;
+    }
   }
-  for (int64_t it = tid; it < static_cast<int64_t>(np) * TH * b; it += nt) {
-    const int64_t j = it - div_nn(it, b) * b;
+  // T lies in shared memory: its indices fit 32 bits, as do every item count below (tile and T sized by the plan).
+  for (int it = tid; it < np * TH * b; it += nt) {
+    const int j = it - static_cast<int>(static_cast<uint32_t>(it) / ub) * b;
     if (clo[j] >= chi[j]) T[it] = 0;
   }
 
@@ -192,9 +228,9 @@ __global__ void __launch_bounds__(kUbThreads)
       // Phase 1: items (plane, row, column bin reaching this tile), column bin fastest.
       const int j0 = first_above(chi, b, w0);
       const int nj = first_above(clo, b, w0 + tw - 1) - j0;
-      for (int64_t it = tid; it < static_cast<int64_t>(np) * th * nj; it += nt) {
-        const int64_t pr = div_nn(it, nj);  // pp * th + hl
-        const int j = j0 + static_cast<int>(it - pr * nj);
+      for (int it = tid; it < np * th * nj; it += nt) {
+        const int pr = static_cast<int>(static_cast<uint32_t>(it) / static_cast<uint32_t>(nj));  // pp * th + hl
+        const int j = j0 + (it - pr * nj);
         const int wa = max(clo[j], w0), wb = min(chi[j], w0 + tw);
         if (wa >= wb) continue;  // an empty column bin
         const scalar_t* row = tile + pr * tw;  // column w at row[w - w0]
@@ -202,7 +238,7 @@ __global__ void __launch_bounds__(kUbThreads)
         for (int w = wa; w < wb; ++w) {
           s += wcol(w, j) * static_cast<acc_t>(row[w - w0]);
         }
-        const int64_t pp = div_nn(pr, th);
+        const int pp = static_cast<int>(static_cast<uint32_t>(pr) / static_cast<uint32_t>(th));
         acc_t* d = T + (pp * TH + (pr - pp * th)) * b + j;
         *d = clo[j] >= w0 ? s : *d + s;  // the first tile of this column bin assigns, later ones add
       }
@@ -210,82 +246,78 @@ __global__ void __launch_bounds__(kUbThreads)
     __syncthreads();
     // Phase 2: items (plane, row bin reaching this band, column bin), column bin fastest.
     const int i0 = first_above(rhi, b, h0);
-    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
-    for (int64_t it = tid; it < np * ni * b; it += nt) {
-      const int64_t q = div_nn(it, b);
-      const int j = static_cast<int>(it - q * b);
-      const int64_t pp = div_nn(q, ni);
-      const int i = i0 + static_cast<int>(q - pp * ni);
+    const int ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int it = tid; it < np * ni * b; it += nt) {
+      const int q = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - q * b;
+      const int pp = static_cast<int>(static_cast<uint32_t>(q) / static_cast<uint32_t>(ni));
+      const int i = i0 + (q - pp * ni);
       const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
       if (ha >= hb) continue;  // an empty row bin, zeroed above
       const acc_t* t = T + pp * TH * b + j;  // row h at t[(h - h0) * b]
       acc_t s = 0;
       for (int h = ha; h < hb; ++h) {
-        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b];
+        s += wrow(h, i) * t[(h - h0) * b];
       }
-      acc_t* d = o + pp * p.S + static_cast<int64_t>(i) * b + j;
+      acc_t* d = o + pp * p.S + i * b + j;
       *d = rlo[i] >= h0 ? s : *d + s;  // the first band of this row bin assigns, later ones add (barrier-ordered)
     }
   }
 }
 
 // channels_last: grad_out (N, H, W, Ctot) in memory. One block per (n, level, chunk of tc = P level channels);
-// thread (group, c) with c fastest, so every load of a pixel's tc channels is one coalesced run. Per band of TH
-// rows, the groups take the (row, column bin) items of T round robin and read grad_out directly (a column bin's
-// columns are contiguous pixels; only the one or two columns shared with a neighbour bin are read twice), then the
-// (row bin, column bin) items of G. T[(hl * b + j) * tc + c] in shared memory.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kUbThreads)
+// thread (group, c) with c fastest takes VEC consecutive channels c .. c + VEC of a pixel (one 16-byte load when
+// VEC > 1: C and R multiples of VEC and grad_out aligned, so every pixel's level channels are aligned runs), so
+// every load of a pixel's tc channels is one coalesced run. Per band of TH rows, the groups take the (row, column
+// bin) items of T round robin and read grad_out directly (a column bin's columns are contiguous pixels; only the one
+// or two columns shared with a neighbour bin are read twice), then the (row bin, column bin) items of G.
+// T[(hl * b + j) * tc + c] in shared memory. Every channel's sums run in the same order for any VEC.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kUbThreads, kMinBlocks)
     up_bwd_cl_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ out, const __grid_constant__ UpBwdParams p) {
+  using Vec = AlignedVec<scalar_t, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* T = reinterpret_cast<acc_t*>(smem + p.off_t);
-  int* tab = reinterpret_cast<int*>(smem + p.off_tab);
 
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int tc = p.P;
-  const int cl = tid % tc;
-  const int grp = tid / tc;
-  const int groups = nt / tc;
-  const int L = p.lv.num;
-  const int64_t bid = blockIdx.x;
-  const int64_t nl = div_nn(bid, p.rblocks);
-  const int64_t r = (bid - nl * p.rblocks) * tc + cl;
-  const bool valid = r < p.R;
-  const int64_t n = div_nn(nl, L);
-  const int l = static_cast<int>(nl - n * L);
-  const int b = static_cast<int>(p.lv.bins[l]);
+  const int tpp = tc / VEC;  // threads per pixel
+  const int cl = (tid % tpp) * VEC;
+  const int grp = tid / tpp;
+  const int groups = nt / tpp;
+  const UpBwdLevel<acc_t> lvl = up_bwd_level<acc_t>(p, smem, tid, nt);
+  const int64_t n = lvl.n;
+  const int l = lvl.l, b = lvl.b;
+  const int64_t r = lvl.chunk * tc + cl;
+  const bool valid = r < p.R;  // VEC > 1: R % VEC == 0, so all VEC channels exist
   const int H = static_cast<int>(p.H);
   const int TH = p.TH;
-  const acc_t sh = linear_scale<acc_t>(b, p.H, p.align);
-  const acc_t sw = linear_scale<acc_t>(b, p.W, p.align);
-  tap_ranges<acc_t>(p, b, tab, tid, nt);
-  TapEntry<acc_t>* taps = reinterpret_cast<TapEntry<acc_t>*>(smem + p.off_taps);
-  if (p.taps) fill_taps<acc_t>(p, b, taps, tid, nt);
-  // Entry [w, j] of the column resampling matrix and [h, i] of the row one: from the table, or computed per use.
-  const auto wcol = [&](int w, int j) {
-    return p.taps ? entry_weight(taps[w], j) : tap_weight<acc_t>(sw, w, j, b, p.W, p.align);
-  };
-  const auto wrow = [&](int h, int i) {
-    return p.taps ? entry_weight(taps[p.W + h], i) : tap_weight<acc_t>(sh, h, i, b, p.H, p.align);
-  };
-  const int* rlo = tab;
-  const int* rhi = tab + b;
-  const int* clo = tab + 2 * b;
-  const int* chi = tab + 3 * b;
+  const auto wcol = [&](int w, int j) { return lvl.wcol(p, w, j); };
+  const auto wrow = [&](int h, int i) { return lvl.wrow(p, h, i); };
+  const int* rlo = lvl.tab;
+  const int* rhi = lvl.tab + b;
+  const int* clo = lvl.tab + 2 * b;
+  const int* chi = lvl.tab + 3 * b;
   __syncthreads();
 
-  acc_t* o = out + (n * p.R + r) * p.S + p.lv.offs[l];  // only dereferenced when valid
-  const int64_t bb = static_cast<int64_t>(b) * b;
+  const int64_t S = p.S;
+  acc_t* o = out + (n * p.R + r) * S + p.lv.offs[l];  // channel r + m at o + m * S; only dereferenced when valid
+  const uint32_t ub = static_cast<uint32_t>(b);
+  const int bb = b * b;  // <= 2^24
   if (valid) {
-    for (int64_t k = grp; k < bb; k += groups) {
-      const int64_t i = div_nn(k, b);
-      if (rlo[i] >= rhi[i]) o[k] = 0;
+    for (int k = grp; k < bb; k += groups) {
+      const int i = static_cast<int>(static_cast<uint32_t>(k) / ub);
+      if (rlo[i] >= rhi[i]) {
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) o[m * S + k] = 0;
+      }
     }
   }
-  for (int64_t it = tid; it < static_cast<int64_t>(TH) * b * tc; it += nt) {
-    const int64_t e = div_nn(it, tc);
-    const int64_t j = e - div_nn(e, b) * b;
+  // T lies in shared memory: its indices fit 32 bits, as do the item counts below.
+  for (int it = tid; it < TH * b * tc; it += nt) {
+    const int e = static_cast<int>(static_cast<uint32_t>(it) / static_cast<uint32_t>(tc));
+    const int j = e - static_cast<int>(static_cast<uint32_t>(e) / ub) * b;
     if (clo[j] >= chi[j]) T[it] = 0;
   }
 
@@ -294,51 +326,66 @@ __global__ void __launch_bounds__(kUbThreads)
   for (int h0 = 0; h0 < H; h0 += TH) {
     const int th = min(TH, H - h0);
     __syncthreads();  // zeros and tables written; the previous band's phase 2 is done with T
-    for (int64_t it = grp; it < static_cast<int64_t>(th) * b; it += groups) {
-      const int64_t hl = div_nn(it, b);
-      const int j = static_cast<int>(it - hl * b);
+    for (int it = grp; it < th * b; it += groups) {
+      const int hl = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - hl * b;
       const int wa = clo[j], wb = chi[j];
       if (wa >= wb) continue;  // an empty column bin
-      acc_t s = 0;
+      acc_t s[VEC];
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) s[m] = 0;
       if (valid) {
-        const scalar_t* q = gn + ((h0 + hl) * p.W + wa) * Ctot;
+        const scalar_t* q = gn + (static_cast<int64_t>(h0 + hl) * p.W + wa) * Ctot;
         int w = wa;
-        // Four independent loads in flight before their multiply-adds.
-        for (; w + 4 <= wb; w += 4) {
-          const acc_t v0 = static_cast<acc_t>(q[0]);
-          const acc_t v1 = static_cast<acc_t>(q[Ctot]);
-          const acc_t v2 = static_cast<acc_t>(q[2 * Ctot]);
-          const acc_t v3 = static_cast<acc_t>(q[3 * Ctot]);
-          s += wcol(w, j) * v0;
-          s += wcol(w + 1, j) * v1;
-          s += wcol(w + 2, j) * v2;
-          s += wcol(w + 3, j) * v3;
-          q += 4 * Ctot;
+        // Independent loads in flight before their multiply-adds: four scalars or two 16-byte vectors.
+        constexpr int U = VEC > 1 ? 2 : 4;
+        for (; w + U <= wb; w += U) {
+          Vec e[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) e[u] = load_vec<scalar_t, VEC>(q + u * Ctot);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const acc_t wt = wcol(w + u, j);
+#pragma unroll
+            for (int m = 0; m < VEC; ++m) s[m] += wt * static_cast<acc_t>(e[u].v[m]);
+          }
+          q += U * Ctot;
         }
         for (; w < wb; ++w) {
-          s += wcol(w, j) * static_cast<acc_t>(q[0]);
+          const Vec e0 = load_vec<scalar_t, VEC>(q);
+          const acc_t wt = wcol(w, j);
+#pragma unroll
+          for (int m = 0; m < VEC; ++m) s[m] += wt * static_cast<acc_t>(e0.v[m]);
           q += Ctot;
         }
       }
-      T[it * tc + cl] = s;
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) T[it * tc + cl + m] = s[m];
     }
     __syncthreads();
     const int i0 = first_above(rhi, b, h0);
-    const int64_t ni = first_above(rlo, b, h0 + th - 1) - i0;
-    for (int64_t it = grp; it < ni * b; it += groups) {
-      const int64_t q = div_nn(it, b);
-      const int j = static_cast<int>(it - q * b);
-      const int i = i0 + static_cast<int>(q);
+    const int ni = first_above(rlo, b, h0 + th - 1) - i0;
+    for (int it = grp; it < ni * b; it += groups) {
+      const int q = static_cast<int>(static_cast<uint32_t>(it) / ub);
+      const int j = it - q * b;
+      const int i = i0 + q;
       const int ha = max(rlo[i], h0), hb = min(rhi[i], h0 + th);
       if (ha >= hb) continue;  // an empty row bin, zeroed above
-      const acc_t* t = T + static_cast<int64_t>(j) * tc + cl;  // row h at t[(h - h0) * b * tc]
-      acc_t s = 0;
+      const acc_t* t = T + j * tc + cl;  // row h at t[(h - h0) * b * tc]
+      acc_t s[VEC];
+#pragma unroll
+      for (int m = 0; m < VEC; ++m) s[m] = 0;
       for (int h = ha; h < hb; ++h) {
-        s += wrow(h, i) * t[static_cast<int64_t>(h - h0) * b * tc];
+        const acc_t wt = wrow(h, i);
+        const acc_t* th_ = t + (h - h0) * b * tc;
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) s[m] += wt * th_[m];
       }
       if (valid) {
-        acc_t* d = o + static_cast<int64_t>(i) * b + j;
-        *d = rlo[i] >= h0 ? s : *d + s;
+        acc_t* d = o + i * b + j;
+        const bool first = rlo[i] >= h0;
+#pragma unroll
+        for (int m = 0; m < VEC; ++m) d[m * S] = first ? s[m] : d[m * S] + s[m];
       }
     }
   }
@@ -355,6 +402,9 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   const int64_t tab_b = align16(4 * maxb * 4);
   const int64_t optin = smem_optin();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  // channels_last: 16-byte vectors of V level channels when every pixel's level channels start aligned.
+  constexpr int V = 16 / sizeof(scalar_t);
+  const bool vec = cl && aligned16(g.const_data_ptr()) && p.C % V == 0 && p.R % V == 0;
   int64_t smem = 0;
   if (!cl) {
     const int64_t E = kTileBytes / esz;  // tile elements
@@ -382,9 +432,11 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   } else {
     int64_t tc = 1;
     while (tc < p.R && tc < 32) tc *= 2;
-    // Fewer channels per block when there would be too few blocks, down to one 32-byte sector per pixel.
+    // Fewer channels per block when there would be too few blocks, down to one 32-byte sector per pixel (and, for
+    // 16-byte vectors, never below one vector: tc >= V, as R % V == 0 and 32 >= V make the doubling reach it).
     const int64_t sms = sm_count();
     while (tc * esz > 32 && N * L * ceil_div(p.R, tc) < 2 * sms) tc /= 2;
+    const int64_t tc_min = vec ? V : 1;
     auto rows_for = [&](int64_t t) {
       return std::max<int64_t>(1, std::min<int64_t>(p.H, kUbClTBytes / (maxb * t * asz)));
     };
@@ -395,7 +447,7 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
       return t_b + tab_b;
     };
     smem = layout(tc, rows_for(tc));
-    while (smem > kDefaultSmem && tc > 1) {
+    while (smem > kDefaultSmem && tc > tc_min) {
       tc /= 2;
       smem = layout(tc, rows_for(tc));
     }
@@ -410,14 +462,26 @@ void launch_up_bwd(const Tensor& g, Tensor& out, UpBwdParams& p, bool cl, int64_
   p.off_taps = static_cast<int>(align16(smem));
   p.taps = taps_b <= 16 * 1024 && p.off_taps + taps_b <= (smem <= kDefaultSmem ? kDefaultSmem : optin);
   if (p.taps) smem = p.off_taps + taps_b;
+  for (int l = 0; l < p.lv.num; ++l) {
+    p.sh[l] = static_cast<double>(linear_scale<acc_t>(p.lv.bins[l], p.H, p.align));
+    p.sw[l] = static_cast<double>(linear_scale<acc_t>(p.lv.bins[l], p.W, p.align));
+  }
   p.rblocks = ceil_div(p.R, p.P);
   const int64_t blocks = N * L * p.rblocks;
   TORCH_CHECK(blocks <= INT32_MAX, op, ": N * levels * R = ", N * L * p.R, " is too large for one launch");
-  auto kernel = cl ? up_bwd_cl_kernel<scalar_t, acc_t> : up_bwd_nchw_kernel<scalar_t, acc_t>;
-  allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(blocks), kUbThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
-                                                                     out.mutable_data_ptr<acc_t>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto launch = [&](auto kernel) {
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(blocks), kUbThreads, smem, stream>>>(g.const_data_ptr<scalar_t>(),
+                                                                       out.mutable_data_ptr<acc_t>(), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!cl) {
+    launch(up_bwd_nchw_kernel<scalar_t, acc_t>);
+  } else if (vec) {
+    launch(up_bwd_cl_kernel<scalar_t, acc_t, V>);
+  } else {
+    launch(up_bwd_cl_kernel<scalar_t, acc_t, 1>);
+  }
 }
 
 Tensor upsample_concat_backward_cuda(const Tensor& grad_in, int64_t in_channels, at::IntArrayRef bins,
@@ -484,46 +548,75 @@ struct PoolBwdParams {
   int64_t cchunks; // channels_last: ceil(C / tc)
   int rows;        // row table entries per level
   int off_col, off_row;  // dynamic shared memory byte offsets (q at 0)
-  FastDiv wdiv;    // NCHW: position / W
+  FastDiv wdiv;    // position / W (positions within a plane are int32: H * W <= INT32_MAX / 2)
+  float rh, rw;    // 1 / H and 1 / W (float, host-computed): the estimates of pool_bins_of's divisions
+  double rc;       // 1 / C: (n, c) of a block's first plane by div_est
 };
 
 // Bins of a level of b that contain index x of an extent n (pool_start <= x < pool_end): first = floor(x*b / n),
-// last = floor(((x + 1) * b - 1) / n), packed as first | last << 16 (b <= kMaxBin).
-__device__ __forceinline__ uint32_t pool_bins_of(int64_t x, int64_t b, int64_t n) {
-  const int64_t first = div_nn(x * b, n);
-  const int64_t last = div_nn((x + 1) * b - 1, n);
+// last = floor(((x + 1) * b - 1) / n), packed as first | last << 16 (b <= kMaxBin). div_est: no division.
+__device__ __forceinline__ uint32_t pool_bins_of(int x, int b, int64_t n, float rn) {
+  const int64_t xb = static_cast<int64_t>(x) * b;
+  const int64_t first = div_est(xb, n, rn);
+  const int64_t last = div_est(xb + b - 1, n, rn);
   return static_cast<uint32_t>(first) | (static_cast<uint32_t>(last) << 16);
 }
 
-// pool_end(i, k, n) - pool_start(i, k, n) through the 32-bit division fast path.
-__device__ __forceinline__ int64_t pool_len(int64_t i, int64_t k, int64_t n) {
-  return div_nn((i + 1) * n + k - 1, k) - div_nn(i * n, k);
+// pool_end(i, k, n) - pool_start(i, k, n) for n < 2^31, k <= 2^16, in 32-bit arithmetic.
+__device__ __forceinline__ int pool_len(int i, int k, int64_t n) {
+  return pool_end32(i, k, static_cast<int>(n)) - pool_start32(i, k, static_cast<int>(n));
 }
 
 // grad_pooled[idx] / kh_i / kw_j in acc_t (the forward's sum / kh / kw, transposed).
 template <typename acc_t>
-__device__ __forceinline__ acc_t pool_share(const PoolBwdParams& p, const void* gp, int64_t idx, int64_t b,
-                                            int64_t i, int64_t j) {
-  const int64_t kh = pool_len(i, b, p.H);
-  const int64_t kw = pool_len(j, b, p.W);
+__device__ __forceinline__ acc_t pool_share(const PoolBwdParams& p, const void* gp, int64_t idx, int b, int i, int j) {
+  const int kh = pool_len(i, b, p.H);
+  const int kw = pool_len(j, b, p.W);
   return load_level<acc_t>(gp, p.gp_double, idx) / static_cast<acc_t>(kh) / static_cast<acc_t>(kw);
 }
 
-// Fills the tables for positions [pos0, pos1): colr[l * W + w] for every column, rowr[l * rows + h - h_lo] for the
-// rows the positions touch.
-__device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t* colr, uint32_t* rowr, int64_t pos0,
-                                                int64_t pos1, int tid, int nt) {
-  const int L = p.lv.num;
-  for (int64_t it = tid; it < L * p.W; it += nt) {
-    const int64_t l = div_nn(it, p.W);
-    colr[it] = pool_bins_of(it - l * p.W, p.lv.bins[l], p.W);
+// The same, per use in the GENERIC kernels' element loops: float divisions there as __fdividef (2 ulp, no slow-path
+// call, whose register saves spilled); float64 keeps the IEEE division. Staged q keeps pool_share's exact quotients.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pool_share_fast(const PoolBwdParams& p, const void* gp, int64_t idx, int b, int i,
+                                                 int j) {
+  const acc_t kh = static_cast<acc_t>(pool_len(i, b, p.H));
+  const acc_t kw = static_cast<acc_t>(pool_len(j, b, p.W));
+  const acc_t v = load_level<acc_t>(gp, p.gp_double, idx);
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(acc_t) == 4) return __fdividef(__fdividef(v, kh), kw);
+#endif
+  return v / kh / kw;
+}
+
+// Fills the tables for the rows [h_lo, h_lo + nrows) a block's positions touch and every column:
+// colr[l * W + w], rowr[l * rows + h - h_lo].
+__device__ __forceinline__ void pool_bwd_tables(const PoolBwdParams& p, uint32_t* colr, uint32_t* rowr, int h_lo,
+                                                int nrows, int tid, int nt) {
+  const int W = static_cast<int>(p.W);
+  for (int l = 0; l < p.lv.num; ++l) {
+    const int b = static_cast<int>(p.lv.bins[l]);
+    for (int w = tid; w < W; w += nt) colr[l * W + w] = pool_bins_of(w, b, p.W, p.rw);
+    for (int hr = tid; hr < nrows; hr += nt) rowr[l * p.rows + hr] = pool_bins_of(h_lo + hr, b, p.H, p.rh);
   }
-  const int64_t h_lo = div_nn(pos0, p.W);
-  const int64_t nrows = div_nn(pos1 - 1, p.W) - h_lo + 1;
-  for (int64_t it = tid; it < L * nrows; it += nt) {
-    const int64_t l = div_nn(it, nrows);
-    const int64_t hr = it - l * nrows;
-    rowr[l * p.rows + hr] = pool_bins_of(h_lo + hr, p.lv.bins[l], p.H);
+}
+
+// Staged q rows: q[u * ustride + k * kstride] = grad_pooled[g0 + u * S + k] / kh / kw for u < nu units (planes or
+// channels), k < S; S < 2^31 and nu * S within shared memory, so 32-bit indices and divisions.
+template <typename acc_t>
+__device__ __forceinline__ void pool_bwd_stage_q(const PoolBwdParams& p, const void* gp, int64_t g0, int nu,
+                                                 acc_t* q, int ustride, int kstride, int tid, int nt) {
+  const uint32_t S = static_cast<uint32_t>(p.S);
+  const uint32_t items = static_cast<uint32_t>(nu) * S;
+  for (uint32_t it = tid; it < items; it += nt) {
+    const uint32_t u = it / S;
+    const uint32_t k = it - u * S;
+    const int l = level_of(p.lv.offs, p.lv.num, k);
+    const uint32_t b = static_cast<uint32_t>(p.lv.bins[l]);
+    const uint32_t kk = k - static_cast<uint32_t>(p.lv.offs[l]);
+    const uint32_t i = kk / b;
+    q[u * ustride + k * kstride] = pool_share<acc_t>(p, gp, g0 + it, static_cast<int>(b), static_cast<int>(i),
+                                                     static_cast<int>(kk - i * b));
   }
 }
 
@@ -545,7 +638,7 @@ __device__ __forceinline__ void store16(void* p, const uint4& u) {
 // multiply-high once per vector, then w steps; the bins of (h, w) from the row and column tables (or, GENERIC, per
 // use). Vectors never span two planes.
 template <typename scalar_t, typename acc_t, bool GENERIC>
-__global__ void __launch_bounds__(kPbThreads)
+__global__ void __launch_bounds__(kPbThreads, kMinBlocks)
     pool_bwd_nchw_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
                          const __grid_constant__ PoolBwdParams p) {
   constexpr int V = 16 / sizeof(scalar_t);
@@ -571,30 +664,30 @@ __global__ void __launch_bounds__(kPbThreads)
     pos0 = 0;
     pos1 = static_cast<int>(HW);
   } else {
-    plane0 = div_nn(blockIdx.x, p.chunks);
-    pos0 = static_cast<int>((blockIdx.x - plane0 * p.chunks) * p.E);
-    pos1 = static_cast<int>(min(HW, pos0 + p.E));
+    const uint32_t chunks = static_cast<uint32_t>(p.chunks);  // blocks = planes * chunks <= INT32_MAX
+    const uint32_t pl = blockIdx.x / chunks;
+    plane0 = pl;
+    pos0 = static_cast<int>((blockIdx.x - pl * chunks) * static_cast<uint32_t>(p.E));
+    pos1 = static_cast<int>(min(HW, static_cast<int64_t>(pos0) + p.E));
     np = 1;
   }
-  if (stage_q) {
-    for (int64_t it = tid; it < np * S; it += nt) {
-      const int64_t pp = div_nn(it, S);
-      const int64_t k = it - pp * S;
-      const int l = level_of(p.lv.offs, L, k);
-      const int64_t b = p.lv.bins[l];
-      const int64_t kk = k - p.lv.offs[l];
-      const int64_t i = div_nn(kk, b);
-      q[it] = pool_share<acc_t>(p, gp, plane0 * S + it, b, i, kk - i * b);
-    }
+  if (stage_q) pool_bwd_stage_q<acc_t>(p, gp, plane0 * S, np, q, static_cast<int>(S), 1, tid, nt);
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  if (tabs) {
+    pool_bwd_tables(p, colr, rowr, h_lo, static_cast<int>(fast_div(p.wdiv, pos1 - 1)) - h_lo + 1, tid, nt);
   }
-  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
   __syncthreads();
 
-  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
-  for (int pp = 0; pp < np; ++pp) {
+  // (n, c) of plane0, then stepped per plane: no division in the plane loop.
+  int64_t n = div_est(plane0, p.C, p.rc);
+  int64_t c = plane0 - n * p.C;
+  for (int pp = 0; pp < np; ++pp, ++c) {
+    if (c == p.C) {
+      c = 0;
+      ++n;
+    }
     const int64_t plane = plane0 + pp;
-    const int64_t n = div_nn(plane, p.C);
-    const scalar_t* g = go + (n * p.C2 + (plane - n * p.C)) * HW;
+    const scalar_t* g = go + (n * p.C2 + c) * HW;
     scalar_t* o = out + plane * HW;
     const acc_t* qp = q + pp * S;
     const int64_t gbase = plane * S;
@@ -602,20 +695,29 @@ __global__ void __launch_bounds__(kPbThreads)
     const auto value = [&](int h, int w, scalar_t gv) {
       acc_t s = 0;
       for (int l = 0; l < L; ++l) {
-        const int64_t b = p.lv.bins[l];
+        const int b = static_cast<int>(p.lv.bins[l]);
         const int off = static_cast<int>(p.lv.offs[l]);
-        const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
-        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W);
+        const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H, p.rh);
+        const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W, p.rw);
         const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
         for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
-          const int row = off + i * static_cast<int>(b);
+          const int row = off + i * b;
           for (int j = j0; j <= j1; ++j) {
-            s += stage_q ? qp[row + j] : pool_share<acc_t>(p, gp, gbase + row + j, b, i, j);
+            s += stage_q ? qp[row + j] : pool_share_fast<acc_t>(p, gp, gbase + row + j, b, i, j);
           }
         }
       }
       return static_cast<scalar_t>(static_cast<acc_t>(gv) + s);
     };
+    if constexpr (GENERIC) {
+      // The fallback (tables or q not in shared memory: per-element bin searches and divisions bound it, not bytes):
+      // one element per thread, coalesced scalar accesses, no vector unpacked into a per-element array.
+      for (int e = pos0 + tid; e < pos1; e += nt) {
+        const int h = static_cast<int>(fast_div(p.wdiv, e));
+        o[e] = value(h, e - h * W, g[e]);
+      }
+      continue;
+    }
     const int a = static_cast<int>(reinterpret_cast<uintptr_t>(o + pos0) & 15);
     const int head = min(((16 - a) & 15) / static_cast<int>(sizeof(scalar_t)), pos1 - pos0);
     if (tid < head) {
@@ -658,7 +760,7 @@ __global__ void __launch_bounds__(kPbThreads)
 // chunk of E pixels); a thread takes VEC consecutive channels of one pixel (one 16-byte load and store), so the
 // bin lookups of a pixel serve VEC channels. q[k * tc + c]: a bin's tc channels side by side.
 template <typename scalar_t, typename acc_t, int VEC, bool GENERIC>
-__global__ void __launch_bounds__(kPbThreads)
+__global__ void __launch_bounds__(kPbThreads, kMinBlocks)
     pool_bwd_cl_kernel(const void* __restrict__ gp, const scalar_t* __restrict__ go, scalar_t* __restrict__ out,
                        const __grid_constant__ PoolBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -674,57 +776,56 @@ __global__ void __launch_bounds__(kPbThreads)
   const bool stage_q = !GENERIC || p.stage_q;
   const bool tabs = !GENERIC || p.tabs;
   const int tc = p.tc;
-  const int64_t per_n = p.cchunks * p.chunks;
-  const int64_t n = div_nn(blockIdx.x, per_n);
-  const int64_t rem = blockIdx.x - n * per_n;
-  const int64_t cb = div_nn(rem, p.chunks);
-  const int64_t c0 = cb * tc;
+  // blocks = N * cchunks * chunks <= INT32_MAX: 32-bit divisions.
+  const uint32_t chunks = static_cast<uint32_t>(p.chunks);
+  const uint32_t per_n = static_cast<uint32_t>(p.cchunks) * chunks;
+  const uint32_t n32 = blockIdx.x / per_n;
+  const uint32_t rem = blockIdx.x - n32 * per_n;
+  const uint32_t cb = rem / chunks;
+  const int64_t n = n32;
+  const int64_t c0 = static_cast<int64_t>(cb) * tc;
   const int nc = static_cast<int>(min(static_cast<int64_t>(tc), p.C - c0));
-  const int64_t pos0 = (rem - cb * p.chunks) * p.E;
-  const int64_t pos1 = min(HW, pos0 + p.E);
+  const int pos0 = static_cast<int>((rem - cb * chunks) * static_cast<uint32_t>(p.E));  // H * W <= INT32_MAX / 2
+  const int pos1 = static_cast<int>(min(HW, static_cast<int64_t>(pos0) + p.E));
   const int64_t gbase = (n * p.C + c0) * S;  // grad_pooled rows of this block's channels: one contiguous run
-  if (stage_q) {
-    for (int64_t it = tid; it < nc * S; it += nt) {
-      const int64_t c = div_nn(it, S);
-      const int64_t k = it - c * S;
-      const int l = level_of(p.lv.offs, L, k);
-      const int64_t b = p.lv.bins[l];
-      const int64_t kk = k - p.lv.offs[l];
-      const int64_t i = div_nn(kk, b);
-      q[k * tc + c] = pool_share<acc_t>(p, gp, gbase + it, b, i, kk - i * b);
-    }
+  if (stage_q) pool_bwd_stage_q<acc_t>(p, gp, gbase, nc, q, 1, tc, tid, nt);
+  const int h_lo = static_cast<int>(fast_div(p.wdiv, pos0));
+  if (tabs) {
+    pool_bwd_tables(p, colr, rowr, h_lo, static_cast<int>(fast_div(p.wdiv, pos1 - 1)) - h_lo + 1, tid, nt);
   }
-  if (tabs) pool_bwd_tables(p, colr, rowr, pos0, pos1, tid, nt);
   __syncthreads();
 
-  const int64_t h_lo = div_nn(pos0, p.W);
+  const int W = static_cast<int>(p.W);
   const int cv = nc / VEC;
-  for (int64_t u = tid; u < (pos1 - pos0) * cv; u += nt) {
-    const int64_t px = div_nn(u, cv);
-    const int c = static_cast<int>(u - px * cv) * VEC;
-    const int64_t pos = pos0 + px;
-    const int64_t h = div_nn(pos, p.W);
-    const int64_t w = pos - h * p.W;
+  const int items = (pos1 - pos0) * cv;  // <= E * tc, about kPbChunk (E = kPbChunk / tc)
+  for (int u = tid; u < items; u += nt) {
+    const int px = static_cast<int>(static_cast<uint32_t>(u) / static_cast<uint32_t>(cv));
+    const int c = (u - px * cv) * VEC;
+    const int pos = pos0 + px;
+    const int h = static_cast<int>(fast_div(p.wdiv, pos));
+    const int w = pos - h * W;
     const AlignedVec<scalar_t, VEC> gv = load_vec<scalar_t, VEC>(go + (n * HW + pos) * p.C2 + c0 + c);
     acc_t s[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s[k] = 0;
     for (int l = 0; l < L; ++l) {
-      const int64_t b = p.lv.bins[l];
-      const int64_t off = p.lv.offs[l];
-      const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H);
-      const uint32_t cr = tabs ? colr[l * p.W + w] : pool_bins_of(w, b, p.W);
+      const int b = static_cast<int>(p.lv.bins[l]);
+      const int off = static_cast<int>(p.lv.offs[l]);
+      const uint32_t rr = tabs ? rowr[l * p.rows + (h - h_lo)] : pool_bins_of(h, b, p.H, p.rh);
+      const uint32_t cr = tabs ? colr[l * W + w] : pool_bins_of(w, b, p.W, p.rw);
       const int i1 = static_cast<int>(rr >> 16), j0 = static_cast<int>(cr & 0xFFFF), j1 = static_cast<int>(cr >> 16);
       for (int i = static_cast<int>(rr & 0xFFFF); i <= i1; ++i) {
-        const int64_t row = off + i * b;
+        const int row = off + i * b;
         for (int j = j0; j <= j1; ++j) {
           if (stage_q) {
-            const acc_t* qk = q + (row + j) * tc + c;
+            const acc_t* qk = q + static_cast<int64_t>(row + j) * tc + c;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) s[k] += qk[k];
           } else {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) s[k] += pool_share<acc_t>(p, gp, gbase + (c + k) * S + row + j, b, i, j);
+            for (int k = 0; k < VEC; ++k) {
+              s[k] += pool_share_fast<acc_t>(p, gp, gbase + static_cast<int64_t>(c + k) * S + row + j, b, i, j);
+            }
           }
         }
       }
@@ -752,6 +853,11 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
   const bool vec = cl && ptrs_aligned && p.C % V == 0 && p.C2 % V == 0;
   const int64_t vw = vec ? V : 1;
   const int64_t optin = smem_optin();
+  TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
+  p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
+  p.rh = 1.0f / static_cast<float>(p.H);
+  p.rw = 1.0f / static_cast<float>(p.W);
+  p.rc = 1.0 / static_cast<double>(p.C);
 
   // Shared memory of a plan: q for `units` planes (NCHW) or channels (channels_last), tables for W columns and the
   // rows that `positions` consecutive positions may touch.
@@ -799,8 +905,6 @@ void launch_pool_bwd(const Tensor& gp, const Tensor& go, Tensor& out, PoolBwdPar
       kernel<<<static_cast<unsigned>(blocks), kPbThreads, smem, stream>>>(gp.const_data_ptr(), gop, op_, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    TORCH_CHECK(HW <= INT32_MAX / 2, op, ": H * W = ", HW, " is too large (int32 positions within a plane)");
-    p.wdiv = make_fastdiv(static_cast<uint32_t>(p.W));
     if (!(p.stage_q && p.tabs)) {
       launch(pool_bwd_nchw_kernel<scalar_t, acc_t, true>);
     } else {

@@ -97,6 +97,8 @@ struct PoolParams {
   // ppm_forward (COPY kernels): x's plane (n, c) is copied to channel X0 + c of xout (N, Ctot, H, W) as it is read.
   int64_t Ctot, X0;
   bool copy_vec;  // channels_last COPY: 16-byte stores into xout
+  float rS;       // 1 / S: pool_finish's (group, column) by div_est
+  double rC;      // 1 / C: (n, c) of an NCHW block's first plane by div_est
 };
 
 // Steps shared by both layouts once the cells are complete: colsum[rs][jj] = sum of a column bin's cells in row
@@ -106,28 +108,31 @@ struct PoolParams {
 // channels_last keeps its tc channels fastest (estride = tc, gstride = 1), NCHW its planes apart (estride = 1).
 template <typename acc_t>
 __device__ __forceinline__ void pool_colsum(const PoolParams& p, const int* bw, const acc_t* cells, acc_t* colsum,
-                                            int groups, int64_t estride, int64_t cells_gstride,
-                                            int64_t colsum_gstride, int tid, int nt) {
-  const int64_t per_group = static_cast<int64_t>(p.nsh) * p.sumb;
-  const int64_t items = groups * per_group;
-  for (int64_t it = tid; it < items; it += nt) {
+                                            int groups, int estride, int cells_gstride, int colsum_gstride, int tid,
+                                            int nt) {
+  // colsum lies in shared memory: every index and item count fits 32 bits (unsigned divisions, no 64-bit ones).
+  const uint32_t sumb = static_cast<uint32_t>(p.sumb);
+  const uint32_t per_group = static_cast<uint32_t>(p.nsh) * sumb;
+  const uint32_t items = static_cast<uint32_t>(groups) * per_group;
+  const int W = static_cast<int>(p.W);
+  for (uint32_t it = tid; it < items; it += nt) {
     // Consecutive threads take consecutive words: group fastest when groups are interleaved (channels_last).
-    int64_t g, q;
+    uint32_t g, q;
     if (estride != 1) {
-      g = it % groups;
-      q = it / groups;
+      q = it / static_cast<uint32_t>(groups);
+      g = it - q * static_cast<uint32_t>(groups);
     } else {
       g = it / per_group;
       q = it - g * per_group;
     }
-    const int rs = static_cast<int>(q / p.sumb);
-    const int jj = static_cast<int>(q - static_cast<int64_t>(rs) * p.sumb);
+    const int rs = static_cast<int>(q / sumb);
+    const int jj = static_cast<int>(q - static_cast<uint32_t>(rs) * sumb);
     const int l = level_of(p.lv.boff, p.lv.num, jj);
-    const int64_t b = p.lv.bins[l];
-    const int64_t j = jj - p.lv.boff[l];
-    const int cs0 = seg_find(bw, p.nsw + 1, pool_start(j, b, p.W));
-    const int cs1 = seg_find(bw, p.nsw + 1, pool_end(j, b, p.W));
-    const acc_t* c = cells + static_cast<int64_t>(rs) * p.nsw * estride + g * cells_gstride;
+    const int b = static_cast<int>(p.lv.bins[l]);
+    const int j = jj - static_cast<int>(p.lv.boff[l]);
+    const int cs0 = seg_find(bw, p.nsw + 1, pool_start32(j, b, W));
+    const int cs1 = seg_find(bw, p.nsw + 1, pool_end32(j, b, W));
+    const acc_t* c = cells + rs * p.nsw * estride + static_cast<int>(g) * cells_gstride;
     acc_t s = c[cs0 * estride];
     for (int cs = cs0 + 1; cs < cs1; ++cs) s += c[cs * estride];
     colsum[q * estride + g * colsum_gstride] = s;
@@ -135,28 +140,32 @@ __device__ __forceinline__ void pool_colsum(const PoolParams& p, const int* bw, 
 }
 
 // Writes out[base(g) + col] for col in [0, S) and group g < ngroups (groups whose rows exist), rows contiguous.
+// The item count may pass 2^32 (out is global); the group is div_est's from 1 / S (ngroups <= 8192: the planes of
+// one 16 KiB tile or tc channels, so quotients < 2^20), everything within a row in 32 bits.
 template <typename acc_t>
 __device__ __forceinline__ void pool_finish(const PoolParams& p, const int* bh, const acc_t* colsum, int ngroups,
-                                            int64_t estride, int64_t gstride, acc_t* out, int tid, int nt) {
-  const int64_t items = static_cast<int64_t>(ngroups) * p.S;
+                                            int estride, int gstride, acc_t* out, int tid, int nt) {
+  const int64_t S = p.S;  // < 2^31
+  const int64_t items = static_cast<int64_t>(ngroups) * S;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
+  const int rstride = p.sumb * estride;
   for (int64_t it = tid; it < items; it += nt) {
-    const int64_t g = it / p.S;
-    const int64_t col = it - g * p.S;
+    const int g = static_cast<int>(div_est(it, S, p.rS));
+    const int col = static_cast<int>(it - g * S);
     const int l = level_of(p.lv.offs, p.lv.num, col);
-    const int64_t b = p.lv.bins[l];
-    const int64_t k = col - p.lv.offs[l];
-    const int64_t i = k / b;
-    const int64_t j = k - i * b;
-    const int64_t hs = pool_start(i, b, p.H), he = pool_end(i, b, p.H);
-    const int64_t ws = pool_start(j, b, p.W), we = pool_end(j, b, p.W);
+    const uint32_t b = static_cast<uint32_t>(p.lv.bins[l]);
+    const uint32_t k = static_cast<uint32_t>(col - static_cast<int>(p.lv.offs[l]));
+    const int i = static_cast<int>(k / b);
+    const int j = static_cast<int>(k - static_cast<uint32_t>(i) * b);
+    const int hs = pool_start32(i, b, H), he = pool_end32(i, b, H);
+    const int ws = pool_start32(j, b, W), we = pool_end32(j, b, W);
     const int rs0 = seg_find(bh, p.nsh + 1, hs);
     const int rs1 = seg_find(bh, p.nsh + 1, he);
-    const int64_t jj = p.lv.boff[l] + j;
+    const int jj = static_cast<int>(p.lv.boff[l]) + j;
     const acc_t* c = colsum + jj * estride + g * gstride;
-    const int64_t rstride = static_cast<int64_t>(p.sumb) * estride;
     acc_t s = c[rs0 * rstride];
     for (int rs = rs0 + 1; rs < rs1; ++rs) s += c[rs * rstride];
-    out[it] = s / static_cast<acc_t>((he - hs) * (we - ws));
+    out[it] = s / static_cast<acc_t>(static_cast<int64_t>(he - hs) * (we - ws));
   }
 }
 
@@ -190,6 +199,9 @@ __global__ void __launch_bounds__(kPoolThreads)
   const int nsh = p.nsh, nsw = p.nsw;
   for (int i = tid; i <= nsh; i += nt) bh[i] = p.bh[i];
   for (int i = tid; i <= nsw; i += nt) bw[i] = p.bw[i];
+  // COPY: (n, c) of plane0 (div_est, no 64-bit division); the block's planes are consecutive from there.
+  const int64_t n0 = COPY ? div_est(plane0, p.C, p.rC) : 0;
+  const int64_t c0 = plane0 - n0 * p.C;
 
   for (int h0 = 0; h0 < H; h0 += p.TH) {
     const int th = min(p.TH, H - h0);
@@ -205,15 +217,16 @@ __global__ void __launch_bounds__(kPoolThreads)
         const int run = th * tw;
         const int64_t HW = p.H * p.W;
         const int64_t pos = static_cast<int64_t>(h0) * W + w0;
-        const int64_t n0 = div_nn(plane0, p.C);
-        const int64_t n1 = div_nn(plane0 + np - 1, p.C);
-        if (n0 == n1) {
-          store_contiguous(tile, xout + (n0 * p.Ctot + p.X0 + plane0 - n0 * p.C) * HW + pos, np * run, tid, nt);
+        if (c0 + np <= p.C) {
+          store_contiguous(tile, xout + (n0 * p.Ctot + p.X0 + c0) * HW + pos, np * run, tid, nt);
         } else {
-          for (int pp = 0; pp < np; ++pp) {
-            const int64_t n = div_nn(plane0 + pp, p.C);
-            store_contiguous(tile + pp * run, xout + (n * p.Ctot + p.X0 + plane0 + pp - n * p.C) * HW + pos, run,
-                             tid, nt);
+          int64_t n = n0, c = c0;
+          for (int pp = 0; pp < np; ++pp, ++c) {
+            if (c == p.C) {
+              c = 0;
+              ++n;
+            }
+            store_contiguous(tile + pp * run, xout + (n * p.Ctot + p.X0 + c) * HW + pos, run, tid, nt);
           }
         }
       }
@@ -254,10 +267,10 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
   __syncthreads();
   const int64_t colsum_plane = static_cast<int64_t>(nsh) * p.sumb;
-  pool_colsum(p, bw, acc, colsum, np, 1, static_cast<int64_t>(nsh) * nsw, colsum_plane, tid, nt);
+  pool_colsum(p, bw, acc, colsum, np, 1, nsh * nsw, static_cast<int>(colsum_plane), tid, nt);
   __syncthreads();
   // This block's out rows are contiguous: (plane0 + pp) * S + col.
-  pool_finish(p, bh, colsum, np, 1, colsum_plane, out + plane0 * p.S, tid, nt);
+  pool_finish(p, bh, colsum, np, 1, static_cast<int>(colsum_plane), out + plane0 * p.S, tid, nt);
 }
 
 // channels_last: x (N, H, W, C) in memory, out (N, C, S). One block per (n, chunk of tc channels): thread (g, c) with
@@ -268,8 +281,10 @@ __global__ void __launch_bounds__(kPoolThreads)
 // combination; out rows (n, c0 .. c0+tc) are one contiguous run of tc * S values.
 // COPY (ppm_forward): every vector read is also stored to channels X0 + c of the same pixel of xout (N, H, W, Ctot):
 // one 16-byte store when copy_vec (Ctot and X0 multiples of VEC, xout aligned), else element stores.
+// Launch bounds: explicit register limits (COPY 128, else 64); without one, ptxas's own target (64) spilled the COPY
+// vector variants (8-40 bytes of stack on sm_90, CUDA 13.0), which compile without spills under 128.
 template <typename scalar_t, typename acc_t, bool COPY, int VEC>
-__global__ void __launch_bounds__(kPoolClThreads)
+__global__ void __launch_bounds__(kPoolClThreads, COPY ? 1 : 2)
     pool_cl_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ out, scalar_t* __restrict__ xout,
                    const __grid_constant__ PoolParams p) {
   using Vec = AlignedVec<scalar_t, VEC>;
@@ -286,8 +301,10 @@ __global__ void __launch_bounds__(kPoolClThreads)
   const int cl = (tid % tpp) * VEC;
   const int grp = tid / tpp;
   const int groups = nt / tpp;
-  const int64_t n = blockIdx.x / p.cchunks;
-  const int64_t c0 = (blockIdx.x - n * p.cchunks) * tc;
+  const uint32_t cchunks = static_cast<uint32_t>(p.cchunks);  // blocks = N * cchunks <= INT32_MAX
+  const uint32_t n32 = blockIdx.x / cchunks;
+  const int64_t n = n32;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x - n32 * cchunks) * tc;
   const int64_t c = c0 + cl;
   const bool valid = c < p.C;  // VEC > 1: C % VEC == 0, so all VEC channels exist
   const int nsh = p.nsh, nsw = p.nsw;
@@ -543,6 +560,9 @@ void run_pool(const char* op, const Tensor& x, const LevelTable& lv, Tensor& out
   p.H = H;
   p.W = W;
   p.S = lv.offs[lv.num];
+  TORCH_CHECK(H <= INT32_MAX && W <= INT32_MAX, op, ": H and W must be below 2^31, got ", H, " x ", W);
+  p.rS = 1.0f / static_cast<float>(p.S);
+  p.rC = 1.0 / static_cast<double>(C);
   TORCH_CHECK(lv.boff[lv.num] <= INT32_MAX, op, ": sum(bins) too large, got ", lv.boff[lv.num]);
   p.sumb = static_cast<int>(lv.boff[lv.num]);
   p.Ctot = xout != nullptr ? xout->size(1) : C;

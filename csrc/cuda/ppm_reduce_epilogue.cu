@@ -27,9 +27,12 @@ template <typename T>
 __global__ void __launch_bounds__(kEpiThreads)
     reduce_epilogue_kernel(T* __restrict__ out, const T* __restrict__ scale, const T* __restrict__ shift,
                            const __grid_constant__ LevelTable lv, int64_t rows, int R, int S, bool relu) {
-  // Row q = n * R + r; columns s of one row are one contiguous run.
+  // Row q = n * R + r; columns s of one row are one contiguous run. r = q mod R stepped with q (32-bit remainders of
+  // blockIdx.x and gridDim.x once; no division in the loop).
+  const uint32_t R32 = static_cast<uint32_t>(R);
+  const int step = static_cast<int>(gridDim.x % R32);
+  int r = static_cast<int>(blockIdx.x % R32);
   for (int64_t q = blockIdx.x; q < rows; q += gridDim.x) {
-    const int r = static_cast<int>(q - div_nn(q, R) * R);
     T* o = out + q * S;
     for (int s = threadIdx.x; s < S; s += blockDim.x) {
       T v = o[s];
@@ -39,6 +42,8 @@ __global__ void __launch_bounds__(kEpiThreads)
       }
       o[s] = relu ? relu_nan(v) : v;
     }
+    r += step;
+    if (r >= R) r -= R;
   }
 }
 

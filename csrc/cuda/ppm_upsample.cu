@@ -74,6 +74,9 @@ struct UpParams {
   int64_t rchunks;      // ceil(R / kUpRChunk)
   int copy_blocks;      // blocks [0, copy_blocks) copy x; the rest compute levels
   int stage_b;          // levels with b <= stage_b are staged in shared memory
+  double rcv;           // 1 / (C / VEC): the copy's pixel by div_est
+  double rimg, rhw, rr, rw;  // NCHW generic: 1 / (Ctot H W), 1 / (H W), 1 / R, 1 / W, for div_est
+  double sh[kMaxLevels], sw[kMaxLevels];  // linear_scale<opmath_t>(b_l, H | W), host-computed (exact in opmath_t)
 };
 
 // NCHW, generic (the tabled kernel's tables would not fit: enormous bins or W): out (N, Ctot, H, W) contiguous.
@@ -90,9 +93,10 @@ __global__ void __launch_bounds__(kUpThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < p.units; u += stride) {
     const int64_t e = u * VEC;
-    const int64_t n = div_nn(e, img);
+    // div_est with the host's reciprocals: no 64-bit division (whose subroutine call is a slow path per element).
+    const int64_t n = div_est(e, img, p.rimg);
     const int64_t rem = e - n * img;
-    const int64_t ch = div_nn(rem, HW);
+    const int64_t ch = div_est(rem, HW, p.rhw);
     const int64_t pos = rem - ch * HW;
     AlignedVec<scalar_t, VEC> v;
     if (ch >= p.X0 && ch < p.X0 + p.C) {
@@ -100,12 +104,12 @@ __global__ void __launch_bounds__(kUpThreads)
       v = load_vec<scalar_t, VEC>(x + (n * p.C + ch - p.X0) * HW + pos);
     } else {
       const int64_t q = ch - p.L0;
-      const int l = static_cast<int>(div_nn(q, p.R));
+      const int l = static_cast<int>(div_est(q, p.R, p.rr));
       const int64_t r = q - l * p.R;
       const int64_t b = p.lv.bins[l];
-      const opmath_t sh = linear_scale<opmath_t>(b, p.H, p.align);
-      const opmath_t sw = linear_scale<opmath_t>(b, p.W, p.align);
-      int64_t h = div_nn(pos, p.W);
+      const opmath_t sh = static_cast<opmath_t>(p.sh[l]);
+      const opmath_t sw = static_cast<opmath_t>(p.sw[l]);
+      int64_t h = div_est(pos, p.W, p.rw);
       int64_t w = pos - h * p.W;
       const int64_t base = (n * p.R + r) * p.S + p.lv.offs[l];
       LinearTap<opmath_t> th = linear_tap<opmath_t>(sh, h, b, p.H, p.align);
@@ -258,7 +262,7 @@ __global__ void __launch_bounds__(kUpThreads)
     const int64_t cv = p.C / VEC;
     const int64_t stride = static_cast<int64_t>(p.copy_blocks) * blockDim.x;
     for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid; u < p.units; u += stride) {
-      const int64_t pix = div_nn(u, cv);
+      const int64_t pix = div_est(u, cv, p.rcv);  // units may pass 2^32: no 64-bit division (its call spilled)
       const int64_t k = u - pix * cv;
       store_vec<scalar_t, VEC>(out + pix * p.Ctot + p.X0 + k * VEC, load_vec<scalar_t, VEC>(x + pix * p.C + k * VEC));
     }
@@ -271,17 +275,20 @@ __global__ void __launch_bounds__(kUpThreads)
   const int slot = tid / TPP;
   const int slots = blockDim.x / TPP;
   const int L = p.lv.num;
+  // tasks <= INT32_MAX (the launcher checks): 32-bit divisions.
+  const uint32_t rchunks = static_cast<uint32_t>(p.rchunks), H32 = static_cast<uint32_t>(p.H);
   for (int64_t t = lb; t < p.tasks; t += nlb) {
-    int64_t q = t;
-    const int64_t rc = q % p.rchunks;
-    q /= p.rchunks;
-    const int l = static_cast<int>(q % L);
-    q /= L;
-    const int64_t h = q % p.H;
-    const int64_t n = q / p.H;
+    uint32_t q = static_cast<uint32_t>(t);
+    const uint32_t q1 = q / rchunks;
+    const int64_t rc = q - q1 * rchunks;
+    const uint32_t q2 = q1 / static_cast<uint32_t>(L);
+    const int l = static_cast<int>(q1 - q2 * static_cast<uint32_t>(L));
+    const uint32_t n32 = q2 / H32;
+    const int64_t h = q2 - n32 * H32;
+    const int64_t n = n32;
     const int64_t b = p.lv.bins[l];
-    const opmath_t sh = linear_scale<opmath_t>(b, p.H, p.align);
-    const opmath_t sw = linear_scale<opmath_t>(b, p.W, p.align);
+    const opmath_t sh = static_cast<opmath_t>(p.sh[l]);
+    const opmath_t sw = static_cast<opmath_t>(p.sw[l]);
     const LinearTap<opmath_t> th = linear_tap<opmath_t>(sh, h, b, p.H, p.align);
     const int64_t r0c = rc * kUpRChunk + cv * LV;  // this thread's first level channel
     // levels[n, r, off_l + i*b + j] = lvn[r * S + i * b + j]
@@ -289,10 +296,10 @@ __global__ void __launch_bounds__(kUpThreads)
     const bool staged = b <= p.stage_b;  // uniform over the block
     if (staged) {
       __syncthreads();  // the previous task's readers are done with st
-      const int64_t per_row = b * kUpRChunk;
-      for (int64_t e = tid; e < 2 * per_row; e += blockDim.x) {
-        const int64_t row = e / per_row;
-        const int64_t j = (e - row * per_row) / kUpRChunk;
+      const int per_row = static_cast<int>(b) * kUpRChunk;  // b <= stage_b <= kUpStageMaxBin
+      for (int e = tid; e < 2 * per_row; e += blockDim.x) {
+        const int row = e >= per_row ? 1 : 0;
+        const int j = (e - row * per_row) / kUpRChunk;
         const int64_t rr = rc * kUpRChunk + (e & (kUpRChunk - 1));
         const int64_t i = row == 0 ? th.i0 : th.i1;
         st[e] = rr < p.R ? load_level<opmath_t>(lv, p.lv_double, lvn + rr * p.S + i * b + j) : opmath_t(0);
@@ -347,6 +354,10 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
   const void* lp = levels.const_data_ptr();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t HW = p.H * p.W;
+  for (int l = 0; l < p.lv.num; ++l) {
+    p.sh[l] = static_cast<double>(linear_scale<opmath_t>(p.lv.bins[l], p.H, p.align));
+    p.sw[l] = static_cast<double>(linear_scale<opmath_t>(p.lv.bins[l], p.W, p.align));
+  }
   if (!cl) {
     int64_t maxb = 1;
     for (int l = 0; l < p.lv.num; ++l) maxb = std::max(maxb, p.lv.bins[l]);
@@ -371,6 +382,10 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
       return;
     }
     p.units = N * p.Ctot * HW;
+    p.rimg = 1.0 / static_cast<double>(p.Ctot * HW);
+    p.rhw = 1.0 / static_cast<double>(HW);
+    p.rr = 1.0 / static_cast<double>(p.R);
+    p.rw = 1.0 / static_cast<double>(p.W);
     auto kernel = upsample_nchw_generic_kernel<scalar_t, 1>;
     const int64_t blocks = std::max<int64_t>(
         1, std::min(ceil_div(p.units, kUpThreads), 4 * resident_blocks(kernel, kUpThreads, 0)));
@@ -384,6 +399,8 @@ void launch_upsample(const Tensor& x, const Tensor& levels, Tensor& out, UpParam
   p.units = p.copy ? N * HW * p.C / vw : 0;
   p.rchunks = ceil_div(p.R, kUpRChunk);
   p.tasks = N * p.H * p.lv.num * p.rchunks;
+  TORCH_CHECK(p.tasks <= INT32_MAX, op, ": N * H * levels * ceil(R / 32) = ", p.tasks, " is too large for one launch");
+  p.rcv = 1.0 / static_cast<double>(std::max<int64_t>(1, p.C / vw));
   int64_t maxb = 1;
   for (int l = 0; l < p.lv.num; ++l) maxb = std::max(maxb, p.lv.bins[l]);
   p.stage_b = static_cast<int>(std::min<int64_t>(maxb, kUpStageMaxBin));

@@ -185,6 +185,22 @@ for (H, W) in [(2, 3), (5, 5)] if QUICK else [(1, 1), (2, 3), (5, 5), (3, 7)]:
             test_pool_bwd(1, 3, 2, H, W, bins, torch.float64, layout)
 print(f"big bins done {time.time() - t0:.0f}s cases {ncases} fails {fails}", flush=True)
 
+# channels_last 16-byte vectors of level channels (C and R multiples of 16 / element size), 90x90 bfloat16 among
+# them, an R above one channel chunk, and the misaligned storage that falls back to the scalar kernel
+for dtype, C, R in [(torch.bfloat16, 8, 8), (torch.float16, 16, 24), (torch.float32, 4, 12), (torch.float64, 2, 6)]:
+    test_up_bwd(1, C, R, 13, 10, (1, 2, 3, 6), dtype, "cl", dtype != torch.float32)
+test_up_bwd(1, 8, 8, 90, 90, (1, 2, 3, 6), torch.bfloat16, "cl", False)
+test_up_bwd(1, 8, 40, 7, 9, (1, 3), torch.bfloat16, "cl", True)
+test_up_bwd(1, 8, 8, 7, 9, (1, 2, 3, 6), torch.bfloat16, "cl_offset", False)
+# pyramid_pool_backward's GENERIC kernels: per-element bin ranges (tables too big: W = 3100) and per-use shares (q
+# too big: bins (250,)), NCHW and channels_last
+test_pool_bwd(1, 1, 0, 1, 3100, (1, 2, 3, 6), torch.float32, "nchw")
+test_pool_bwd(1, 8, 0, 1, 3100, (1, 2, 3, 6), torch.float32, "cl")
+# (float64: a float32 output element here sums 2500 shares in order, ~1e-4 from the float64 reference)
+test_pool_bwd(1, 2, 1, 5, 5, (250,), torch.float64, "nchw")
+test_pool_bwd(1, 8, 0, 4, 6, (250,), torch.float16, "cl")
+print(f"vec + generic done {time.time() - t0:.0f}s cases {ncases} fails {fails}", flush=True)
+
 if QUICK:  # one case each of several bands with a partial channel chunk, and of opt-in shared memory
     test_up_bwd(1, 3, 40, 60, 5, (1, 3, 6, 8), torch.float32, "cl", False)
     test_pool_bwd(1, 2, 1, 5, 5, (125,), torch.float64, "nchw")
