@@ -1,7 +1,11 @@
 // Helpers shared by the CPU kernels (ppm_cpu.cpp, head_cpu.cpp): bins checks and per-level bilinear tap tables.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include <cstdint>
 #include <vector>
@@ -41,6 +45,29 @@ inline void check_map(const Tensor& t, const char* name, const char* channels) {
 
 inline bool is_channels_last(const Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// Runs f(begin, end, worker) over [0, n) in chunks of `chunk`, handed out one at a time to the threads (an atomic
+// counter) instead of one fixed share each: on a shared or noisy machine a thread that loses its core for a while
+// no longer stalls the other at the join (a fixed half split waits for the slower thread). worker in [0, threads).
+// Callers' results must not depend on which thread runs a chunk (each output is owned by one chunk).
+template <typename F>
+inline void dynamic_for(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), nchunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    f(int64_t{0}, n, int64_t{0});
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = next.fetch_add(1); i < nchunks; i = next.fetch_add(1)) {
+        f(i * chunk, std::min(n, (i + 1) * chunk), w);
+      }
+    }
+  });
 }
 
 // Per-level bilinear taps of one output extent: index and weight tables, computed once per call.

@@ -70,6 +70,10 @@ Segments make_segments(at::IntArrayRef bins, int64_t n) {
   return s;
 }
 
+// Planes per dynamic_for chunk: ~256K values (1 MB of float32), at least one plane; 2048 planes of 60 x 60 are 28
+// chunks.
+inline int64_t plane_chunk(int64_t plane_size) { return std::max<int64_t>(1, (int64_t{1} << 18) / plane_size); }
+
 // A small cache of large output buffers. The PPM output (N x 2C x H x W: 59 MB for one 2048 x 60 x 60 map) is larger
 // than glibc's mmap threshold, so every fresh allocation is new pages that the kernel zero-fills on first touch:
 // ~13 ms on the 2-core CI machine, twice the time of writing the output itself. Buffers freed by the caller come
@@ -198,7 +202,7 @@ void pyramid_pool_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
   // One task per (n, c) plane, read once, row by row.
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t begin, int64_t end) {
+  dynamic_for(N * C, plane_chunk(H * W), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<acc_t> seg(sh.size() * sw.size());
     std::vector<acc_t> colsum(W);
     for (int64_t plane = begin; plane < end; ++plane) {
@@ -300,12 +304,14 @@ bool cpu_has_avx2_fma() {
 }
 
 // Whether a float32 level GEMM (R x C) @ (C x cols), cols = N * b^2, runs the hand-written kernel rather than at::mm
-// (MKL in this torch build). Measured at R = 512, C = 2048 (the PSPNet PPM), one thread, caches flushed before each
-// call (the weights come from DRAM, as in the PPM), time of at::mm / time of the hand-written kernel (both through
-// ppm_reduce's path; 2-core AMD EPYC, torch 2.14.1, benchmarks/results/cpu-ppm-forward.txt):
-//   cols  1: 0.89 (at::mm's GEMV wins)   2: 1.19   4: 2.26   8: 1.70   9: 2.42   18: 1.08   36: 1.02   72: 0.90
-// all four levels: 2.36x at N = 1, 1.41x at N = 2. So the hand-written kernel runs 2..36 columns, at::mm the rest.
-// float64 always runs at::mm (no hand-written kernel).
+// (MKL in this torch build). Measured at R = 512, C = 2048 (the PSPNet PPM), weights from DRAM (ten weight sets
+// rotated), time of torch.mm / time of ppm_reduce with the hand-written kernel (packed columns), 2-core AMD EPYC,
+// torch 2.14.1, three runs (benchmarks/results/cpu-reduce-gemm.txt):
+//   2 threads: cols 1: 1.07-1.35   2: 3.3-3.8   4: 2.4-3.1   8: 2.3-2.8   9: 3.8-4.6   18: 1.2-1.7   36: 0.97-1.22
+//              72: 0.87-0.93 (ppm_reduce runs at::mm there: its own overhead)
+//   1 thread:  cols 1: 0.91   2: 4.11   4: 3.20   8: 3.67   9: 4.81   18: 1.43   36: 1.30   72: 1.03
+// So the hand-written kernel runs 1..36 columns (at 1 column MKL's GEMV wins by 9% on one thread, loses on two, the
+// default), at::mm the rest. float64 always runs at::mm (no hand-written kernel).
 constexpr int64_t kSmallGemmMinCols = 1;
 bool use_small_gemm(int64_t cols) {
   return cols >= kSmallGemmMinCols && cols <= kSmallGemmCols && cpu_has_avx2_fma();
@@ -576,10 +582,11 @@ Tensor ppm_reduce_impl(const Tensor& pooled, const Tensor& weight, const c10::op
     }
 #endif
     if (small.empty() && !RowsFn::active) return;
-    // Odd threads take the levels in reverse order: the levels of few columns are bound by reading W, those of many
-    // by FMAs, so one thread computes while the other streams. (Each row's values do not depend on the order.)
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-      const bool reverse = at::get_thread_num() % 2 == 1;
+    // Chunks of 16 rows, handed out dynamically. Odd threads take the levels in reverse order: the levels of few
+    // columns are bound by reading W, those of many by FMAs, so one thread computes while the other streams. (Each
+    // row's values depend neither on the order nor on the chunk.)
+    dynamic_for(R, 16, [&](int64_t r0, int64_t r1, int64_t worker) {
+      const bool reverse = worker % 2 == 1;
       for (int64_t t = 0; t < L; ++t) {
         const int64_t l = reverse ? L - 1 - t : t;
 #if PSP_X86_SMALL_GEMM
@@ -666,7 +673,7 @@ void upsample_concat_nchw(const Tensor& x, const Tensor& levels, at::IntArrayRef
   const int64_t N = x.size(0);
   // One task per output plane (n, c'): every plane of the output, or only the level planes.
   const int64_t planes = write_x ? pl.CO : pl.CO - pl.C;  // per image
-  at::parallel_for(0, N * planes, std::max<int64_t>(1, 32768 / pl.HW), [&](int64_t begin, int64_t end) {
+  dynamic_for(N * planes, plane_chunk(pl.HW), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<at::opmath_type<scalar_t>> rows;
     std::vector<scalar_t> plane_buf;
     for (int64_t task = begin; task < end; ++task) {
@@ -782,7 +789,7 @@ void pool_copy_nchw(const Tensor& x, at::IntArrayRef bins, const Segments& sh, c
   acc_t* pp = pooled.mutable_data_ptr<acc_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool stream = use_streaming(out);
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / HW), [&](int64_t begin, int64_t end) {
+  dynamic_for(N * C, plane_chunk(HW), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<acc_t> seg(sh.size() * sw.size()), colsum(W);
     std::vector<scalar_t> buf(dense ? 0 : HW);
     for (int64_t plane = begin; plane < end; ++plane) {
