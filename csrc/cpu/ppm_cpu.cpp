@@ -17,10 +17,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <type_traits>
 #include <vector>
 
@@ -97,7 +93,7 @@ class OutputCache {
     if (nbytes < kMinBytes || limit_ == 0) return at::empty_strided(sizes, strides, options);
     void* ptr = take(nbytes);
     if (ptr == nullptr) {
-      ptr = alloc_huge(nbytes);
+      ptr = std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
       TORCH_CHECK(ptr != nullptr, "pspnet_fast: out of memory allocating ", nbytes, " bytes");
     }
     return at::from_blob(ptr, sizes, strides, [this, nbytes](void* p) { give_back(p, nbytes); }, options);
@@ -105,18 +101,6 @@ class OutputCache {
 
  private:
   static constexpr size_t kMinBytes = size_t(4) << 20;
-  static constexpr size_t kHugePage = size_t(2) << 20;
-
-  // 2 MB aligned and, on Linux, advised as transparent huge pages (where THP is "madvise", the common default, plain
-  // allocations get 4 KB pages: a 59 MB output is 14K pages, a TLB miss every 4 KB of the streaming stores).
-  static void* alloc_huge(size_t nbytes) {
-    const size_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = std::aligned_alloc(kHugePage, size);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p != nullptr) madvise(p, size, MADV_HUGEPAGE);  // advice only: its failure changes nothing
-#endif
-    return p;
-  }
 
   OutputCache() {
     const char* env = std::getenv("PSPNET_FAST_CPU_CACHE_MB");
